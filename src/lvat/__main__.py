@@ -1,0 +1,5 @@
+import sys
+
+from lvat.cli import main
+
+sys.exit(main())

@@ -1,0 +1,375 @@
+"""Typed configuration: dataclasses whose field docstrings are the `--help` text.
+
+A config is a tree of dataclasses. It is read from a TOML or YAML file, then `--key value`
+flags (dotted for nested sections, e.g. `--data.num_labeled 100`) override the file, then every
+value is checked against its field's type and range. The resolved config is written into each run
+folder as `config.toml`, which `--config` reads back unchanged.
+
+Errors are one line, name the key and say what is allowed (`ConfigError`).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import functools
+import inspect
+import json
+import math
+import sys
+import textwrap
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+from lvat.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+T = TypeVar("T")
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def option(
+    default: Any,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+) -> Any:
+    """A dataclass field with an allowed range (the docstring under it is its help text)."""
+    bounds = {k: v for k, v in {"ge": ge, "gt": gt, "le": le, "lt": lt}.items() if v is not None}
+    return dataclasses.field(default=default, metadata={"bounds": bounds})
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Map field name -> the string literal under it in the class body (PEP 257 attribute doc)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):  # no source (e.g. frozen app): help text is just empty
+            continue
+        body = ast.parse(source).body[0].body  # type: ignore[attr-defined]
+        for stmt, nxt in zip(body, body[1:], strict=False):
+            if (
+                isinstance(stmt, ast.AnnAssign)
+                and isinstance(stmt.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                docs[stmt.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_section(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if origin in (list, tuple, Sequence):
+        args = [a for a in get_args(tp) if a is not Ellipsis]
+        return f"list of {_type_name(args[0])}" if args else "list"
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(key: str, tp: Any, value: Any) -> Any:
+    """Coerce `value` (from a file, or a string from a flag) to `tp`, or raise ConfigError."""
+    origin = get_origin(tp)
+
+    def fail(extra: str = "") -> ConfigError:
+        return ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}{extra}")
+
+    if origin is Literal:
+        choices = get_args(tp)
+        for choice in choices:
+            if value == choice or (isinstance(value, str) and str(choice) == value):
+                return choice
+        raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {list(choices)}")
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(key, arg, value)
+            except ConfigError:
+                continue
+        raise fail()
+    if origin in (list, tuple):
+        (inner, *_rest) = get_args(tp) or (Any,)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list | tuple):
+            raise fail()
+        items = [_convert(f"{key}[{i}]", inner, v) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+        raise fail(" (use true or false)")
+    if tp is int:
+        if isinstance(value, bool):
+            raise fail()
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                try:  # allow 1e4 for step counts
+                    f = float(value)
+                except ValueError:
+                    raise fail() from None
+                if f.is_integer():
+                    return int(f)
+        raise fail()
+    if tp is float:
+        if isinstance(value, bool):
+            raise fail()
+        if isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, str):  # flags, and YAML's '1e-3' which YAML 1.1 reads as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise fail() from None
+        raise fail()
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        raise fail()
+    raise ConfigError(f"{key}: unsupported field type {tp!r}")  # a bug in the schema, not input
+
+
+def _check_bounds(key: str, value: Any, bounds: dict[str, float]) -> None:
+    if not bounds or not isinstance(value, int | float) or isinstance(value, bool):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key} = {value} is not a finite number")
+    ops = {
+        "ge": (lambda a, b: a >= b, ">="),
+        "gt": (lambda a, b: a > b, ">"),
+        "le": (lambda a, b: a <= b, "<="),
+        "lt": (lambda a, b: a < b, "<"),
+    }
+    for name, bound in bounds.items():
+        test, sym = ops[name]
+        if not test(value, bound):
+            allowed = " and ".join(f"{ops[n][1]} {b}" for n, b in bounds.items())
+            raise ConfigError(f"{key} = {value} is out of range: must be {allowed}")
+
+
+def all_keys(cls: type, prefix: str = "") -> dict[str, tuple[Any, dataclasses.Field]]:
+    """Flatten a config class into {'section.key': (type, field)} for every leaf field."""
+    out: dict[str, tuple[Any, dataclasses.Field]] = {}
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if _is_section(tp):
+            out.update(all_keys(tp, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = (tp, f)
+    return out
+
+
+def _unknown_key(key: str, known: Sequence[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    section = key.rsplit(".", 1)[0] + "." if "." in key else ""
+    siblings = [k for k in known if k.startswith(section) and "." not in k[len(section) :]]
+    where = f" in [{section[:-1]}]" if section else ""
+    return ConfigError(f"unknown key '{key}'{hint}; allowed{where}: {', '.join(sorted(siblings))}")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Build a validated `cls` from nested plain data; unknown keys and bad values raise."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix[:-1] or 'config'}: expected a table of keys, got {data!r}")
+    hints = _hints(cls)
+    names = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    known = list(all_keys(cls, prefix))
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if name not in names:
+            raise _unknown_key(key, known + [k.rsplit(".", 1)[0] for k in known])
+        tp = hints[name]
+        if _is_section(tp):
+            kwargs[name] = from_dict(tp, value, f"{key}.")
+        else:
+            kwargs[name] = _convert(key, tp, value)
+            _check_bounds(key, kwargs[name], names[name].metadata.get("bounds", {}))
+    for name in names:  # absent sections are built (and checked) from their defaults
+        if name not in kwargs and _is_section(hints[name]):
+            kwargs[name] = from_dict(hints[name], {}, f"{prefix}{name}.")
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict of a config (JSON/TOML friendly)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def parse_overrides(args: Sequence[str], cls: type) -> dict[str, Any]:
+    """Turn ['--data.name', 'svhn', '--train.steps=10'] into nested {'data': {'name': 'svhn'}}."""
+    known = all_keys(cls)
+    nested: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or arg == "--":
+            raise ConfigError(f"unexpected argument '{arg}': overrides look like --key value")
+        key, eq, value = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if key not in known:
+            raise _unknown_key(key, list(known))
+        if not eq:
+            tp = known[key][0]
+            nxt = args[i + 1] if i + 1 < len(args) else None
+            if tp is bool and (nxt is None or nxt.startswith("--")):
+                value = "true"  # a bare boolean flag switches it on
+            elif nxt is None:
+                raise ConfigError(f"--{key}: missing value (expected {_type_name(tp)})")
+            else:
+                value = nxt
+                i += 1
+        node = nested
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+        i += 1
+    return nested
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML (.toml) or YAML (.yaml/.yml) config file into plain data."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        elif path.suffix == ".toml":
+            data = tomllib.loads(text)
+        else:
+            raise ConfigError(f"{path}: unknown config format; use .toml, .yaml or .yml")
+    except ConfigError:
+        raise
+    except Exception as exc:  # parser errors: keep their line/column, on one line
+        raise ConfigError(f"{path}: cannot parse: {' '.join(str(exc).split())}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a table of keys")
+    return data
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
+    """File (if any), then flags on top; validated. Flags always win over the file."""
+    data = read_file(path) if path else {}
+    return from_dict(cls, _merge(data, parse_overrides(overrides, cls)))
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # JSON string escapes are valid TOML basic strings
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} to TOML")
+
+
+def dumps_toml(cfg: Any) -> str:
+    """Render a config as TOML (top-level scalars first, then one table per section)."""
+    data = to_dict(cfg)
+    lines: list[str] = []
+    tables: list[tuple[str, dict]] = []
+
+    def emit(table: dict[str, Any], name: str) -> None:
+        for k, v in table.items():
+            if isinstance(v, dict):
+                tables.append((f"{name}.{k}" if name else k, v))
+            elif v is None:
+                lines.append(f"# {k} is unset")
+            else:
+                lines.append(f"{k} = {_toml_value(v)}")
+
+    emit(data, "")
+    while tables:
+        name, table = tables.pop(0)
+        lines.append(f"\n[{name}]")
+        emit(table, name)
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def save_config(cfg: Any, path: str | Path) -> Path:
+    """Write the resolved config as TOML, atomically; `load_config` reads it back unchanged."""
+    from lvat.io import atomic_write_text
+
+    return atomic_write_text(Path(path), dumps_toml(cfg))
+
+
+def help_text(cls: type) -> str:
+    """One line per key: `--key TYPE (default) doc` — the body of `--help`."""
+    rows = []
+    for key, (tp, f) in all_keys(cls).items():
+        owner = _owner(cls, key)
+        doc = field_docs(owner).get(key.rsplit(".", 1)[-1], "")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        bounds = f.metadata.get("bounds", {})
+        rng = " ".join(f"{n} {b}" for n, b in bounds.items())
+        rows.append(
+            f"  --{key} {_type_name(tp)} (default {default!r}{', ' + rng if rng else ''})\n"
+            f"      {doc}"
+        )
+    return "\n".join(rows)
+
+
+def _owner(cls: type, key: str) -> type:
+    """The dataclass that declares the leaf of a dotted key."""
+    for part in key.split(".")[:-1]:
+        cls = _hints(cls)[part]
+    return cls
