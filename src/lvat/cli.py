@@ -45,6 +45,45 @@ def _cmd_config(args: argparse.Namespace, rest: Sequence[str]) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace, rest: Sequence[str]) -> int:
+    from pathlib import Path
+
+    from lvat.config import Config, from_dict, load_config
+    from lvat.config.core import _merge, parse_overrides
+    from lvat.train import checkpoint, train
+
+    if args.resume:
+        if args.config:
+            raise LvatError("--resume RUN_DIR takes its config from the run; drop --config")
+        saved = checkpoint.load(Path(args.resume) / checkpoint.CHECKPOINT)["config"]
+        cfg = from_dict(Config, _merge(saved, parse_overrides(rest, Config)))
+        cfg.out = args.resume
+    else:
+        cfg = load_config(Config, args.config, rest)
+    results = train(cfg, resume=bool(args.resume))
+    print(
+        f"{cfg.method.name} on {results['dataset']}: test error {results['test_error']:.2f}% "
+        f"after {results['steps']} steps ({results['wall_time_s']:.0f} s); run folder {cfg.out}"
+    )
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from lvat.train import evaluate_run, load_run
+
+    run = load_run(args.run_dir, args.device)
+    res = evaluate_run(run)
+    print(f"{run.path} (step {run.step}, {run.config.method.name}, {run.dataset.name})")
+    for split in ("validation", "test"):
+        if f"{split}_error" in res:
+            acc = ", ".join(f"{a:.1f}" for a in res[f"{split}_per_class_accuracy"])
+            print(
+                f"  {split}: error {res[f'{split}_error']:.2f}% on {res[f'{split}_count']} "
+                f"images; per-class accuracy % [{acc}]"
+            )
+    return 0
+
+
 def _official() -> tuple[str, ...]:
     from lvat.data import DATASETS
 
@@ -81,6 +120,26 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("name", help="svhn, cifar10, fashion-mnist or mnist")
     dl.add_argument("--root", default="", help="download here instead of the cache")
     dl.set_defaults(func=_cmd_data_download)
+
+    tr = sub.add_parser(
+        "train",
+        help="train a classifier (sup, VAT or LVAT; SL or SSL)",
+        usage="lvat train [--config FILE | --resume RUN_DIR] [--key value ...]",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_config_help("Config"),
+    )
+    tr.add_argument("--config", default=None, help="TOML or YAML config file")
+    tr.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        default=None,
+        help="continue the run in RUN_DIR exactly where its checkpoint stopped",
+    )
+    tr.set_defaults(func=_cmd_train, takes_overrides=True)
+    ev = sub.add_parser("eval", help="evaluate a run's classifier on test (and validation)")
+    ev.add_argument("run_dir", help="a run folder written by `lvat train`")
+    ev.add_argument("--device", default=None, help="device (default: the run's)")
+    ev.set_defaults(func=_cmd_eval)
 
     cfg = sub.add_parser(
         "config",

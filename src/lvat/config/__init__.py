@@ -12,11 +12,14 @@ from lvat.config.core import (
     save_config,
     to_dict,
 )
-from lvat.config.schema import Config, DataConfig
+from lvat.config.schema import Config, DataConfig, MethodConfig, ModelConfig, TrainConfig
 
 __all__ = [
     "Config",
     "DataConfig",
+    "MethodConfig",
+    "ModelConfig",
+    "TrainConfig",
     "dumps_toml",
     "field_docs",
     "from_dict",

@@ -280,11 +280,17 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def read_file(path: str | Path) -> dict[str, Any]:
-    """Read a TOML (.toml) or YAML (.yaml/.yml) config file into plain data."""
+def read_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a TOML (.toml) or YAML (.yaml/.yml) config file into plain data.
+
+    A top-level `extends = "base.toml"` (relative to this file) reads that file first; this
+    file's keys win. The paper's configs use it to share one file per dataset setting.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: `extends` loops back to itself")
     text = path.read_text(encoding="utf-8")
     try:
         if path.suffix in (".yaml", ".yml"):
@@ -301,7 +307,12 @@ def read_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot parse: {' '.join(str(exc).split())}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a table of keys")
-    return data
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: extends: expected a file name, got {base!r}")
+    return _merge(read_file(path.parent / base, (*_seen, path.resolve())), data)
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:

@@ -1,0 +1,64 @@
+"""Saving and loading the generative "transformers" (VAE, Glow) that LVAT perturbs.
+
+A transformer checkpoint is self-describing: `kind` and constructor `hparams` sit beside the
+`state_dict`, so `load_transformer(path)` rebuilds the model with no other input. Loading is
+weights-only (`torch.load(weights_only=True)`): a checkpoint cannot run code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lvat.errors import LvatError
+from lvat.io import atomic_write
+from lvat.models.glow import Glow
+from lvat.models.vae import VAE
+
+TRANSFORMERS: dict[str, type[nn.Module]] = {"vae": VAE, "glow": Glow}
+FORMAT = 1
+
+
+def transformer_state(model: nn.Module) -> dict[str, Any]:
+    """The part of a checkpoint that `load_transformer` needs."""
+    kinds = {cls: name for name, cls in TRANSFORMERS.items()}
+    if type(model) not in kinds:
+        raise TypeError(f"not a known transformer: {type(model).__name__}")
+    return {
+        "format": FORMAT,
+        "kind": kinds[type(model)],
+        "hparams": dict(model.hparams),
+        "state_dict": model.state_dict(),
+    }
+
+
+def save_transformer(model: nn.Module, path: str | Path, **extra: Any) -> Path:
+    """Write `model` (plus any `extra` entries such as optimiser state) atomically to `path`."""
+    state = {**extra, **transformer_state(model)}
+    return atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_transformer(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
+    """Rebuild a trained VAE or Glow from its checkpoint alone, frozen and in eval mode."""
+    path = Path(path)
+    if not path.is_file():
+        raise LvatError(f"transformer checkpoint not found: {path} (train one with `lvat fit`)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        msg = " ".join(str(exc).split())[:300]
+        raise LvatError(f"{path}: not a readable transformer checkpoint ({msg})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("kind") not in TRANSFORMERS:
+        raise LvatError(f"{path}: not a transformer checkpoint (no kind vae/glow inside)")
+    try:
+        model = TRANSFORMERS[ckpt["kind"]](**ckpt["hparams"])
+        model.load_state_dict(ckpt["state_dict"])
+    except (TypeError, RuntimeError, KeyError) as exc:
+        msg = " ".join(str(exc).split())[:300]
+        raise LvatError(f"{path}: checkpoint does not match its model ({msg})") from None
+    model.to(device).eval()
+    model.requires_grad_(False)
+    return model

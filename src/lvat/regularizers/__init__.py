@@ -1,0 +1,40 @@
+"""Consistency regularizers: VAT (input space) and LVAT (latent space of a frozen transformer).
+
+Usage in a training loop::
+
+    reg = LVAT(vae, eps=1.5)  # or VAT(eps=2.5)
+    loss = F.cross_entropy(model(x_l), y_l) + alpha * reg(model, x_ul)
+
+Each regularizer is a thin class over pure functions (`common.py`, `vat.py`, `lvat.py`).
+"""
+
+from lvat.regularizers.common import (
+    RngSnapshot,
+    entropy,
+    frozen_bn_stats,
+    kl_divergence,
+    normalize,
+    normalize_groups,
+    normalize_joint,
+    power_iteration,
+)
+from lvat.regularizers.lvat import LATENT_GROUPS, LVAT, Latent, Transformer
+from lvat.regularizers.vat import VAT, VirtualAdversarial, virtual_adversarial
+
+__all__ = [
+    "LATENT_GROUPS",
+    "LVAT",
+    "VAT",
+    "Latent",
+    "RngSnapshot",
+    "Transformer",
+    "VirtualAdversarial",
+    "entropy",
+    "frozen_bn_stats",
+    "kl_divergence",
+    "normalize",
+    "normalize_groups",
+    "normalize_joint",
+    "power_iteration",
+    "virtual_adversarial",
+]

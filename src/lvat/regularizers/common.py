@@ -1,0 +1,222 @@
+"""Pure functions and context managers shared by VAT and LVAT (SPEC §1).
+
+Everything here is independent of the classifier, the transformer, datasets and configs:
+
+- `normalize`, `normalize_joint`: the authors' per-sample normalisation (vat_tf
+  `get_normalized_vector`).
+- `kl_divergence`, `entropy`: consistency cost and VAT+Ent term from logits, in float32 or float64.
+- `power_iteration`: the gradient g of Algorithms 1/2, w.r.t. the perturbation d only.
+- `frozen_bn_stats`: unlabeled passes use batch statistics but never update running statistics.
+- `RngSnapshot`: lets every unlabeled pass of one call draw the same dropout masks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+__all__ = [
+    "RngSnapshot",
+    "check_hparams",
+    "entropy",
+    "frozen_bn_stats",
+    "kl_divergence",
+    "normalize",
+    "normalize_groups",
+    "normalize_joint",
+    "perturbation_dtype",
+    "power_iteration",
+]
+
+# Constants of the authors' `get_normalized_vector` (vat_tf vat.py); they are part of the method:
+# r = eps * normalize(g) has norm eps * s / sqrt(1e-6 + s^2) with s = ||g / max|g|||, i.e. just
+# under eps (relative shortfall ~5e-7 / s^2, s >= 1).
+_MAX_EPS = 1e-12
+_SQ_EPS = 1e-6
+
+
+def perturbation_dtype(t: Tensor) -> torch.dtype:
+    """Dtype for perturbation maths: at least float32, float64 kept (SPEC §1).
+
+    xi = 1e-6 times a unit vector spread over thousands of elements is lost in bf16/fp16, so half
+    precision inputs and latents are promoted to float32 even under autocast.
+    """
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _flat(d: Tensor) -> Tensor:
+    """View (B, ...) as (B, n): one row per sample, any rank (a (B,) tensor is (B, 1))."""
+    if d.dim() == 0:
+        raise ValueError("expected a batched tensor (B, ...), got a 0-d tensor")
+    return d.reshape(d.shape[0], -1)
+
+
+def _per_sample(v: Tensor, like: Tensor) -> Tensor:
+    """Shape a (B,) tensor so it broadcasts against `like` (B, ...)."""
+    return v.reshape((v.shape[0],) + (1,) * (like.dim() - 1))
+
+
+def normalize(d: Tensor) -> Tensor:
+    """Per-sample unit-L2 normalisation over all non-batch elements, as in the authors' code.
+
+    d / (1e-12 + max|d|), then / sqrt(1e-6 + sum d^2); both per sample. Dividing by the max first
+    keeps the squares representable when g is tiny (KL gradients at xi = 1e-6 are ~1e-9). The
+    result's norm is s / sqrt(1e-6 + s^2) <= 1 with s the norm after the first step.
+
+    Args:
+        d: tensor (B, ...) of any rank >= 1.
+
+    Returns:
+        Tensor of d's shape and dtype.
+    """
+    d = d / _per_sample(_MAX_EPS + _flat(d).abs().amax(dim=1), d)
+    return d / _per_sample(torch.sqrt(_SQ_EPS + _flat(d).pow(2).sum(dim=1)), d)
+
+
+def normalize_joint(groups: Sequence[Tensor]) -> list[Tensor]:
+    """`normalize` applied to all groups as if they were one vector per sample (LVAT "joint")."""
+    max_abs = torch.stack([_flat(d).abs().amax(dim=1) for d in groups]).amax(dim=0)  # (B,)
+    groups = [d / _per_sample(_MAX_EPS + max_abs, d) for d in groups]
+    sq = torch.stack([_flat(d).pow(2).sum(dim=1) for d in groups]).sum(dim=0)  # (B,)
+    return [d / _per_sample(torch.sqrt(_SQ_EPS + sq), d) for d in groups]
+
+
+def normalize_groups(groups: Sequence[Tensor], joint: bool = False) -> list[Tensor]:
+    """Normalise each group on its own ("separate") or all together ("joint")."""
+    return normalize_joint(groups) if joint else [normalize(d) for d in groups]
+
+
+def _log_softmax(logits: Tensor) -> Tensor:
+    # Cast before log_softmax: bf16 logits under autocast would make p(x + xi*d) == p(x).
+    return F.log_softmax(logits.to(perturbation_dtype(logits)), dim=1)
+
+
+def kl_divergence(target_logits: Tensor, logits: Tensor) -> Tensor:
+    """KL(p || q) = sum_k p_k (log p_k - log q_k), mean over the batch.
+
+    As vat_tf `kl_divergence_with_logit`, from log-softmax of the logits.
+
+    Args:
+        target_logits: (B, K) logits of p; the caller detaches them (p is the fixed target).
+        logits: (B, K) logits of q.
+
+    Returns:
+        0-d tensor, float32 (float64 if either input is float64).
+    """
+    log_p, log_q = _log_softmax(target_logits), _log_softmax(logits)
+    return (log_p.exp() * (log_p - log_q)).sum(dim=1).mean()
+
+
+def entropy(logits: Tensor) -> Tensor:
+    """Mean over the batch of the entropy -sum_k p_k log p_k of softmax(logits) (VAT+Ent)."""
+    log_p = _log_softmax(logits)
+    return -(log_p.exp() * log_p).sum(dim=1).mean()
+
+
+def power_iteration(
+    logits_fn: Callable[[list[Tensor]], Tensor],
+    target_logits: Tensor,
+    d: Sequence[Tensor],
+    xi: float,
+    power_iterations: int = 1,
+    joint: bool = False,
+) -> list[Tensor]:
+    """The gradient g of Algorithms 1/2: d <- xi * normalize(d); g = dKL(p || q(d))/dd; repeat.
+
+    Gradients are taken w.r.t. d only (`torch.autograd.grad(inputs=d)`), so no parameter's `.grad`
+    is touched and this works under an outer `torch.no_grad()` too.
+
+    Args:
+        logits_fn: maps perturbation groups d to the classifier's logits at the perturbed point
+            (VAT: model(x + d); LVAT: model(decode(z + d))).
+        target_logits: (B, K) detached logits of the clean target p(x).
+        d: initial perturbation groups (random normal), each (B, ...).
+        xi: finite-difference step; d is rescaled to norm ~xi before every pass.
+        power_iterations: number of passes (>= 1).
+        joint: normalise all groups as one vector per sample instead of group by group.
+
+    Returns:
+        g as a list of detached tensors shaped like d (not normalised; a group the logits do not
+        depend on gets zeros).
+    """
+    g = list(d)
+    with torch.enable_grad():
+        for _ in range(power_iterations):
+            d = [(xi * n).requires_grad_() for n in normalize_groups(g, joint)]
+            kl = kl_divergence(target_logits, logits_fn(d))
+            grads = torch.autograd.grad(kl, d, allow_unused=True)
+            g = [
+                torch.zeros_like(di) if gi is None else gi for di, gi in zip(d, grads, strict=True)
+            ]
+    return [gi.detach() for gi in g]
+
+
+@contextmanager
+def frozen_bn_stats(model: nn.Module) -> Iterator[None]:
+    """Inside, BatchNorm layers use batch statistics in train mode but update no running stats.
+
+    SPEC §1: only the labeled pass updates running_mean/running_var/num_batches_tracked. With
+    `track_running_stats=False` in train mode, `_BatchNorm.forward` passes no buffers to
+    `F.batch_norm` (batch statistics, no update) and skips `num_batches_tracked += 1`; in eval mode
+    the buffers are still used read-only. Covers BatchNorm1d/2d/3d, SyncBatchNorm and the lazy
+    variants. The flags are restored even if the body raises. (A `torch.compile`d model may
+    recompile once for the flipped flag.)
+    """
+    bns = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    saved = [m.track_running_stats for m in bns]
+    try:
+        for m in bns:
+            m.track_running_stats = False
+        yield
+    finally:
+        for m, flag in zip(bns, saved, strict=True):
+            m.track_running_stats = flag
+
+
+class RngSnapshot:
+    """Snapshot of the CPU generator and of the generator of `device`, restorable many times.
+
+    vat_tf shares dropout masks across the clean, x + xi*d and x + r passes of one step. Restoring
+    the same snapshot right before each classifier call reproduces that for any model: every pass
+    draws the same masks, and the generator ends one pass past the snapshot, so the next step draws
+    fresh ones. CUDA is optional: only a CUDA `device` snapshots a device generator (other
+    accelerators share the CPU generator's masks only). `get_rng_state` reads host-side generator
+    state; no device sync.
+    """
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self.cpu_state = torch.get_rng_state()
+        self.cuda_state = (
+            torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        )
+
+    def restore(self) -> None:
+        """Reset the generators to the snapshot."""
+        torch.set_rng_state(self.cpu_state)
+        if self.cuda_state is not None:
+            torch.cuda.set_rng_state(self.cuda_state, self.device)
+
+
+def check_hparams(eps: float, xi: float, power_iterations: int, entropy_weight: float) -> None:
+    """Raise ValueError with a clear message for hyper-parameters the method cannot use."""
+    for name, value in (("eps", eps), ("xi", xi)):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not (ok and math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    if isinstance(power_iterations, bool) or not isinstance(power_iterations, int):
+        raise ValueError(f"power_iterations must be an int >= 1, got {power_iterations!r}")
+    if power_iterations < 1:
+        raise ValueError(f"power_iterations must be an int >= 1, got {power_iterations!r}")
+    if not (
+        isinstance(entropy_weight, (int, float))
+        and math.isfinite(entropy_weight)
+        and entropy_weight >= 0
+    ):
+        raise ValueError(f"entropy_weight must be a finite number >= 0, got {entropy_weight!r}")

@@ -1,0 +1,163 @@
+"""Latent space Virtual Adversarial Training (Osada et al., ECCV 2020, Algorithm 2).
+
+VAT in the latent space of a frozen generative model, the "transformer" (a VAE or a Glow):
+
+1. Z = encode(X) (no gradient); d ~ N(0, I) shaped like Z; d <- xi * normalize(d).
+2. g = grad_d KL(stopgrad p(X) || p(decode(Z + d))); repeat `power_iterations` times.
+3. r = eps * normalize(g); X_adv = decode(Z + r).
+4. L_lvat = KL(stopgrad p(X) || p(X_adv)).
+
+The target is p(X) on the original X, never p(decode(encode(X))) (authors' code). A latent may be
+one tensor (VAE: the encoder mean mu, (B, 128)) or a tuple of tensors, the "groups" (Glow: y and
+all factored-out z). With latent_groups="separate" (authors) each group gets its own d, its own
+normalisation and its own scaling to eps, so r has total norm eps * sqrt(n_groups); with "joint"
+the groups are one vector of norm eps per sample.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+from lvat.regularizers.common import check_hparams, perturbation_dtype
+from lvat.regularizers.vat import VirtualAdversarial, virtual_adversarial
+
+__all__ = ["LATENT_GROUPS", "LVAT", "Latent", "Transformer"]
+
+Latent = Tensor | tuple[Tensor, ...]  # a latent: one group, or a tuple of groups
+LATENT_GROUPS = ("separate", "joint")
+
+
+@runtime_checkable
+class Transformer(Protocol):
+    """What LVAT needs from a generative model: any object with these two methods.
+
+    `decode(encode(x))` should reconstruct x (approximately for a VAE, up to quantisation for
+    Glow), and `decode` must be differentiable w.r.t. its input latent: g reaches d through it.
+    """
+
+    def encode(self, x: Tensor) -> Latent:
+        """x (B, ...) -> latent: a tensor (B, ...) or a tuple of such tensors (the groups)."""
+        ...
+
+    def decode(self, z: Latent) -> Tensor:
+        """Latent of the same structure as `encode` returns -> x (B, ...)."""
+        ...
+
+
+def _groups(z: Latent) -> list[Tensor]:
+    """Latent -> list of groups."""
+    if isinstance(z, Tensor):
+        return [z]
+    if isinstance(z, (tuple, list)) and z and all(isinstance(t, Tensor) for t in z):
+        return list(z)
+    raise TypeError(f"encode must return a tensor or a tuple of tensors, got {type(z).__name__}")
+
+
+def _like(z: Latent, groups: list[Tensor]) -> Latent:
+    """List of groups -> a latent with z's structure (tensor, tuple or list)."""
+    if isinstance(z, Tensor):
+        return groups[0]
+    return list(groups) if isinstance(z, list) else tuple(groups)
+
+
+class LVAT:
+    """Latent-space VAT consistency cost: `LVAT(transformer, eps)(model, x)` -> 0-d loss tensor.
+
+    Args:
+        transformer: any object with `encode(x) -> latent` and `decode(latent) -> x` (see
+            `Transformer`); a latent is a tensor or a tuple of tensors. If it is an `nn.Module`
+            it is frozen here: eval mode and `requires_grad_(False)`; eval mode is re-asserted on
+            every call. `encode` runs under `torch.no_grad()`; gradients flow through `decode` to
+            d only.
+        eps: L2 norm of r per sample in latent units (per group with "separate"). Paper: VAE 1.5
+            (SVHN) / 1.0 (CIFAR-10), Glow 1.0.
+        xi: norm of the finite-difference probe in latent space (authors: 1e-6).
+        power_iterations: power-iteration passes (authors: 1).
+        latent_groups: "separate" (authors: each group normalised and scaled to eps on its own) or
+            "joint" (all groups one vector of norm eps).
+        entropy_weight: weight of the entropy of p(x) added to the loss (0 = off).
+
+    The classifier sees the same BatchNorm / dropout / float32 treatment as in `VAT`.
+    """
+
+    def __init__(
+        self,
+        transformer: Transformer,
+        eps: float,
+        xi: float = 1e-6,
+        power_iterations: int = 1,
+        latent_groups: str = "separate",
+        entropy_weight: float = 0.0,
+    ) -> None:
+        check_hparams(eps, xi, power_iterations, entropy_weight)
+        if latent_groups not in LATENT_GROUPS:
+            raise ValueError(f"latent_groups must be one of {LATENT_GROUPS}, got {latent_groups!r}")
+        if not (
+            callable(getattr(transformer, "encode", None))
+            and callable(getattr(transformer, "decode", None))
+        ):
+            raise TypeError(
+                "transformer must have encode(x) -> latent and decode(latent) -> x methods, "
+                f"got {type(transformer).__name__}"
+            )
+        if isinstance(transformer, nn.Module):
+            transformer.eval().requires_grad_(False)  # frozen: trained first, then reused (§5.2)
+        self.transformer = transformer
+        self.eps = float(eps)
+        self.xi = float(xi)
+        self.power_iterations = power_iterations
+        self.latent_groups = latent_groups
+        self.entropy_weight = float(entropy_weight)
+
+    def __repr__(self) -> str:
+        return (
+            f"LVAT({type(self.transformer).__name__}, eps={self.eps}, xi={self.xi}, "
+            f"power_iterations={self.power_iterations}, latent_groups={self.latent_groups!r}, "
+            f"entropy_weight={self.entropy_weight})"
+        )
+
+    def _run(
+        self, model: nn.Module, x: Tensor, with_loss: bool
+    ) -> tuple[Latent, VirtualAdversarial]:
+        t = self.transformer
+        # A parent's .train() may have flipped it; checking the top-level flag is cheap.
+        if isinstance(t, nn.Module) and t.training:
+            t.eval()
+        with torch.no_grad():
+            z = t.encode(x)
+        # float32 latent maths even under autocast (SPEC §1); float64 latents stay float64.
+        base = [g.detach().to(perturbation_dtype(g)) for g in _groups(z)]
+        out = virtual_adversarial(
+            model,
+            x,
+            base,
+            lambda groups: t.decode(_like(z, groups)),
+            eps=self.eps,
+            xi=self.xi,
+            power_iterations=self.power_iterations,
+            joint=self.latent_groups == "joint",
+            entropy_weight=self.entropy_weight,
+            with_loss=with_loss,
+        )
+        return z, out
+
+    def perturbation(self, model: nn.Module, x: Tensor) -> Latent:
+        """The latent perturbation r, with the structure of `transformer.encode(x)` (detached)."""
+        z, out = self._run(model, x, with_loss=False)
+        return _like(z, out.r)
+
+    def adversarial_examples(self, model: nn.Module, x: Tensor) -> Tensor:
+        """x_adv = decode(encode(x) + r) (detached)."""
+        return self._run(model, x, with_loss=False)[1].x_adv
+
+    def loss_and_stats(self, model: nn.Module, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """The loss and detached 0-d stats "kl", "entropy", "adv_l2" (mean ||x_adv - x||_2)."""
+        out = self._run(model, x, with_loss=True)[1]
+        return out.loss, out.stats
+
+    def __call__(self, model: nn.Module, x: Tensor) -> Tensor:
+        """L_lvat = KL(stopgrad p(x) || p(decode(encode(x) + r))) [+ entropy_weight * entropy]."""
+        return self.loss_and_stats(model, x)[0]

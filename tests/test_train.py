@@ -1,0 +1,198 @@
+"""The training loop and its CLI: every method runs, resume is exact, NaN stops cleanly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lvat.cli import main
+from lvat.config import Config, load_config
+from lvat.errors import LvatError
+from lvat.models import VAE, Glow, save_transformer
+from lvat.train import NonFiniteLoss, checkpoint, train
+from lvat.train.schedule import lr_and_beta1
+
+
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory) -> Path:
+    """200 + 50 16x16 grey images of 10 classes: a class-dependent blob plus noise."""
+    rng = np.random.default_rng(0)
+    y = np.arange(250) % 10
+    x = rng.integers(0, 60, (250, 16, 16)).astype(np.uint8)
+    for i, c in enumerate(y):
+        x[i, c : c + 4, 2:8] = 255
+    path = tmp_path_factory.mktemp("data") / "toy.npz"
+    np.savez(path, x_train=x[:200], y_train=y[:200], x_test=x[200:], y_test=y[200:])
+    return path
+
+
+@pytest.fixture(scope="module")
+def transformers(tmp_path_factory) -> dict[str, Path]:
+    """Untrained tiny VAE and Glow checkpoints for 1x16x16 images (protocol only)."""
+    folder = tmp_path_factory.mktemp("transformers")
+    torch.manual_seed(0)
+    glow = Glow(in_channels=1, image_size=16, n_levels=2, n_steps=1, width=8)
+    glow.initialize(torch.rand(16, 1, 16, 16))
+    return {
+        "vae": save_transformer(VAE(in_channels=1, image_size=16, latent_dim=8), folder / "v.pt"),
+        "glow": save_transformer(glow, folder / "g.pt"),
+    }
+
+
+def _flags(data: Path, out: Path, **kw) -> list[str]:
+    base = {
+        "data.name": str(data),
+        "data.num_labeled": 20,
+        "model.name": "conv-small",
+        "train.steps": 6,
+        "train.batch_labeled": 8,
+        "train.batch_unlabeled": 16,
+        "train.decay_steps": 3,
+        "train.log_every": 2,
+        "train.eval_every": 3,
+        "train.checkpoint_every": 3,
+        "train.progress": "false",
+        "device": "cpu",
+        "out": str(out),
+    }
+    base.update(kw)
+    return [a for k, v in base.items() for a in (f"--{k}", str(v))]
+
+
+def test_schedule_is_constant_then_linear_to_zero_with_beta1_half():
+    cfg = load_config(Config, None, ["--train.steps", "100", "--train.decay_steps", "40"])
+    assert lr_and_beta1(0, cfg.train) == (1e-3, 0.9) and lr_and_beta1(59, cfg.train) == (1e-3, 0.9)
+    assert lr_and_beta1(60, cfg.train) == (1e-3, 0.5)
+    assert lr_and_beta1(80, cfg.train) == pytest.approx((0.5e-3, 0.5))
+    assert lr_and_beta1(99, cfg.train)[0] == pytest.approx(1e-3 / 40)
+
+
+@pytest.mark.parametrize("method", ["sup", "vat", "lvat-vae", "lvat-glow"])
+def test_a_30_step_cli_run_of_every_method_writes_all_its_files(
+    method, toy_data, transformers, tmp_path, capsys
+):
+    extra = {
+        "method.name": method.split("-")[0],
+        "train.steps": 30,
+        "train.decay_steps": 10,
+        "train.log_every": 10,
+        "train.eval_every": 15,
+        "train.checkpoint_every": 15,
+    }
+    if method.startswith("lvat"):
+        extra.update({"method.transformer": transformers[method[5:]], "method.eps": 1.0})
+    out = tmp_path / method
+    assert main(["train", *_flags(toy_data, out, **extra)]) == 0
+    assert "test error" in capsys.readouterr().out
+    for name in (
+        "config.toml",
+        "split.json",
+        "metrics.jsonl",
+        "eval.jsonl",
+        "checkpoint.pt",
+        "results.json",
+    ):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [10, 15, 20, 30]  # log windows end at checkpoints too
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    if method != "sup":
+        assert all(r["kl"] > 0 for r in rows) and rows[0]["adv_l2"] > 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["steps"] == 30 and 0 <= results["test_error"] <= 100
+    assert np.array(results["test_confusion_matrix"]).sum() == 50
+    assert len(results["test_per_class_accuracy"]) == 10
+    assert {"hardware", "versions", "wall_time_s"} <= set(results)
+    assert load_config(Config, out / "config.toml").method.name == method.split("-")[0]
+    assert main(["eval", str(out)]) == 0
+    assert f"error {results['test_error']:.2f}%" in capsys.readouterr().out
+
+
+def test_resume_ends_bit_identical_to_an_unstopped_run(toy_data, tmp_path):
+    flags = {
+        "method.name": "vat",
+        "data.augment": "true",
+        "model.dropout": 0.5,
+        "data.num_validation": 20,
+    }
+    whole = load_config(Config, None, _flags(toy_data, tmp_path / "whole", **flags))
+    train(whole)
+    parts = load_config(Config, None, _flags(toy_data, tmp_path / "parts", **flags))
+    partial = train(parts, stop_at=3)
+    assert partial == {"step": 3, "finished": False}
+    assert checkpoint.load(tmp_path / "parts" / "checkpoint.pt")["step"] == 3
+    torch.manual_seed(1234)  # a resumed process starts with other global RNG state
+    train(parts, resume=True)
+    a = checkpoint.load(tmp_path / "whole" / "checkpoint.pt")
+    b = checkpoint.load(tmp_path / "parts" / "checkpoint.pt")
+    assert a["step"] == b["step"] == 6
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+    def rows(run: Path) -> list[dict]:  # timings differ between runs; everything else must not
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return [
+            {k: v for k, v in json.loads(r).items() if k not in ("time_s", "steps_per_s")}
+            for r in lines
+        ]
+
+    assert rows(tmp_path / "whole") == rows(tmp_path / "parts")
+
+
+def test_resume_through_the_cli_and_refusing_to_overwrite(toy_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    cfg = load_config(Config, None, _flags(toy_data, out, **{"method.name": "sup"}))
+    train(cfg, stop_at=3)
+    assert main(["train", *_flags(toy_data, out, **{"method.name": "sup"})]) == 2
+    assert "already holds a run; add --resume" in capsys.readouterr().err
+    assert main(["train", "--resume", str(out)]) == 0
+    assert checkpoint.load(out / "checkpoint.pt")["step"] == 6
+    assert main(["train", "--resume", str(tmp_path / "nothing")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_a_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
+    toy_data, tmp_path, monkeypatch
+):
+    out = tmp_path / "nan"
+    cfg = load_config(
+        Config, None, _flags(toy_data, out, **{"method.name": "vat", "train.steps": 12})
+    )
+    import lvat.train.loop as loop
+
+    real, calls = loop.F.cross_entropy, {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 5 else loss
+
+    monkeypatch.setattr(loop.F, "cross_entropy", poisoned)
+    with pytest.raises(NonFiniteLoss, match="non-finite loss between steps 5 and 6.*intact"):
+        train(cfg)
+    saved = checkpoint.load(out / "checkpoint.pt")
+    assert saved["step"] == 3
+    assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
+    monkeypatch.setattr(loop.F, "cross_entropy", real)
+    assert train(cfg, resume=True)["steps"] == 12
+
+
+def test_lvat_without_a_transformer_is_a_config_error(toy_data, tmp_path):
+    cfg = load_config(Config, None, _flags(toy_data, tmp_path / "x", **{"method.name": "lvat"}))
+    with pytest.raises(LvatError, match="method.transformer"):
+        train(cfg)
+    bad = load_config(
+        Config,
+        None,
+        _flags(
+            toy_data,
+            tmp_path / "y",
+            **{"method.name": "lvat", "method.transformer": str(tmp_path / "missing.pt")},
+        ),
+    )
+    with pytest.raises(LvatError, match="transformer checkpoint not found"):
+        train(bad)
