@@ -1,0 +1,157 @@
+"""Grids of runs from one file: `lvat sweep FILE` (e.g. all of Table 3 with its seeds).
+
+A sweep file (TOML) lists the transformers to train first and the classifier runs:
+
+    out = "runs/table3"                       # classifier runs go to out/<config path>/seed<k>
+
+    [[fit]]                                   # trained first, into each fit config's own `out`
+    kind = "vae"
+    config = "configs/fit/svhn-vae.toml"
+
+    [[runs]]
+    configs = ["configs/paper/svhn-ssl/*.toml"]   # globs, relative to the sweep file
+    seeds = [0, 1, 2, 3, 4]
+    seed_keys = ["seed", "data.split_seed"]       # SSL: label seeds; SL: just "seed"
+    set = ["--train.steps", "48000"]              # optional flags for every run of this block
+
+Every job is skipped when finished (results.json), resumed when interrupted (checkpoint.pt),
+started otherwise. `--shard i/n` runs jobs i, i+n, i+2n, ... so a grid spreads over machines;
+a run whose transformer is not trained yet is left for a later pass.
+"""
+
+from __future__ import annotations
+
+import glob
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lvat.config import Config, load_config
+from lvat.config.core import read_file
+from lvat.errors import ConfigError, LvatError
+
+RESULTS, CHECKPOINT = "results.json", "checkpoint.pt"
+
+
+@dataclass
+class Job:
+    """One fit or train run of a sweep."""
+
+    kind: str  # "fit:vae", "fit:glow" or "train"
+    config: Path
+    flags: list[str]
+    out: Path
+    needs: list[Path] = field(default_factory=list)  # transformer checkpoints it reads
+
+    @property
+    def status(self) -> str:
+        if (self.out / RESULTS).is_file():
+            return "done"
+        return "partial" if (self.out / CHECKPOINT).is_file() else "todo"
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind} {self.out}"
+
+
+def _list(block: dict, key: str, where: str, kind: type) -> list:
+    value = block.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, kind) for v in value):
+        raise ConfigError(f"{where}.{key}: expected a list of {kind.__name__}")
+    return value
+
+
+def plan(path: str | Path) -> list[Job]:
+    """Read a sweep file into its jobs: every fit first, then every (config, seed) run."""
+    path = Path(path)
+    spec = read_file(path)
+    unknown = set(spec) - {"out", "fit", "runs"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)}; allowed: out, fit, runs")
+    base = path.parent
+    out = Path(spec.get("out", "runs/" + path.stem))
+    jobs: list[Job] = []
+    for i, block in enumerate(spec.get("fit", [])):
+        where = f"{path}: fit[{i}]"
+        kind, cfg = block.get("kind"), block.get("config")
+        if kind not in ("vae", "glow") or not isinstance(cfg, str):
+            raise ConfigError(f'{where}: needs kind = "vae" | "glow" and config = "FILE"')
+        flags = _list(block, "set", where, str)
+        fit_out = Path(_fit_out(base / cfg, kind, flags))
+        jobs.append(Job(f"fit:{kind}", base / cfg, flags, fit_out))
+    for i, block in enumerate(spec.get("runs", [])):
+        where = f"{path}: runs[{i}]"
+        patterns = _list(block, "configs", where, str)
+        seeds = _list(block, "seeds", where, int) or [0]
+        seed_keys = _list(block, "seed_keys", where, str) or ["seed"]
+        flags = _list(block, "set", where, str)
+        files = sorted({Path(f) for p in patterns for f in glob.glob(str(base / p))})
+        if not files:
+            raise ConfigError(f"{where}: no config file matches {patterns}")
+        for file in files:
+            rel = file.relative_to(base) if file.is_relative_to(base) else Path(file.name)
+            for seed in seeds:
+                run_out = out / rel.with_suffix("") / f"seed{seed}"
+                seed_flags = [a for k in seed_keys for a in (f"--{k}", str(seed))]
+                job_flags = [*flags, *seed_flags, "--out", str(run_out)]
+                cfg = load_config(Config, file, job_flags)  # validates every run up front
+                needs = [Path(cfg.method.transformer)] if cfg.method.name == "lvat" else []
+                jobs.append(Job("train", file, job_flags, run_out, needs))
+    return jobs
+
+
+def _fit_out(config: Path, kind: str, flags: list[str]) -> str:
+    from lvat.fit import load_fit_config
+
+    return load_fit_config(kind, config, flags).out
+
+
+def _run(job: Job) -> None:
+    resume = job.status == "partial"
+    if job.kind == "train":
+        from lvat.train import train
+
+        train(load_config(Config, job.config, job.flags), resume=resume)
+    else:
+        from lvat.fit import fit, load_fit_config
+
+        fit(load_fit_config(job.kind[4:], job.config, job.flags), resume=resume)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'i/n' with 0 <= i < n."""
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard {text!r}: expected i/n, e.g. 0/4") from None
+    if not 0 <= i < n:
+        raise ConfigError(f"--shard {text!r}: need 0 <= i < n")
+    return i, n
+
+
+def sweep(path: str | Path, *, shard: tuple[int, int] = (0, 1), dry_run: bool = False) -> int:
+    """Run (or with `dry_run` list) this shard's jobs; return the number that failed."""
+    jobs = plan(path)
+    mine = jobs[shard[0] :: shard[1]]
+    print(f"{path}: {len(jobs)} jobs, {len(mine)} in shard {shard[0]}/{shard[1]}")
+    failed = 0
+    for job in mine:
+        missing = [p for p in job.needs if not p.is_file()]
+        state = "waiting" if missing and job.status != "done" else job.status
+        if dry_run or state == "done":
+            print(f"  [{state}] {job.name}")
+            continue
+        if missing:
+            print(f"  [waiting] {job.name}: needs {', '.join(map(str, missing))}; re-run later")
+            continue
+        print(f"  [{'resume' if state == 'partial' else 'start'}] {job.name}", flush=True)
+        t0 = time.perf_counter()
+        try:
+            _run(job)
+        except LvatError as exc:
+            failed += 1
+            print(f"  [failed] {job.name}: {exc}", file=sys.stderr)
+            continue
+        print(f"  [done] {job.name} in {time.perf_counter() - t0:.0f} s", flush=True)
+    return failed

@@ -1,0 +1,87 @@
+"""Sweeps: a grid from one file; finished runs are skipped, interrupted ones resumed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lvat.config import Config, load_config
+from lvat.errors import ConfigError
+from lvat.experiments import plan, sweep
+from lvat.experiments.sweep import parse_shard
+from lvat.train import checkpoint, train
+
+
+@pytest.fixture
+def grid(tmp_path) -> Path:
+    """2 methods x 2 seeds on a toy dataset, a few steps each."""
+    rng = np.random.default_rng(0)
+    y = np.arange(120) % 10
+    x = rng.integers(0, 256, (120, 16, 16), dtype=np.uint8)
+    np.savez(tmp_path / "toy.npz", x_train=x[:100], y_train=y[:100], x_test=x[100:],
+             y_test=y[100:])  # fmt: skip
+    (tmp_path / "cfg").mkdir()
+    common = ('[data]\nname = "toy.npz"\nnum_labeled = 20\n[model]\nname = "conv-small"\n'
+              '[train]\nsteps = 4\nbatch_labeled = 4\nbatch_unlabeled = 8\ndecay_steps = 2\n'
+              'log_every = 2\neval_every = 2\ncheckpoint_every = 2\nprogress = false\n')  # fmt: skip
+    for method in ("sup", "vat"):
+        (tmp_path / "cfg" / f"{method}.toml").write_text(
+            f'device = "cpu"\n{common}[method]\nname = "{method}"\n'
+        )
+    (tmp_path / "grid.toml").write_text(
+        'out = "runs"\n[[runs]]\nconfigs = ["cfg/*.toml"]\nseeds = [0, 1]\n'
+        'seed_keys = ["seed", "data.split_seed"]\n'
+    )
+    return tmp_path
+
+
+def test_plan_lists_every_config_and_seed(grid, monkeypatch):
+    monkeypatch.chdir(grid)
+    jobs = plan("grid.toml")
+    assert [str(j.out) for j in jobs] == [f"runs/cfg/{m}/seed{s}" for m in ("sup", "vat")
+                                          for s in (0, 1)]  # fmt: skip
+    cfg = load_config(Config, jobs[3].config, jobs[3].flags)
+    assert (cfg.seed, cfg.data.split_seed, cfg.method.name) == (1, 1, "vat")
+
+
+def test_sweep_runs_skips_finished_and_resumes_interrupted(grid, monkeypatch, capsys):
+    monkeypatch.chdir(grid)
+    assert sweep("grid.toml", dry_run=True) == 0
+    assert capsys.readouterr().out.count("[todo]") == 4
+    # interrupt one run half-way, as if killed
+    job = plan("grid.toml")[2]
+    train(load_config(Config, job.config, job.flags), stop_at=2)
+    assert job.status == "partial"
+    assert sweep("grid.toml") == 0
+    out = capsys.readouterr().out
+    assert out.count("[start]") == 3 and out.count("[resume]") == 1
+    for j in plan("grid.toml"):
+        assert j.status == "done" and checkpoint.load(j.out / "checkpoint.pt")["step"] == 4
+    first = (grid / "runs/cfg/vat/seed0/results.json").read_text()
+    assert sweep("grid.toml") == 0  # everything finished: nothing re-runs
+    assert capsys.readouterr().out.count("[done]") == 4
+    assert (grid / "runs/cfg/vat/seed0/results.json").read_text() == first
+    assert json.loads(first)["seed"] == 0
+
+
+def test_shards_partition_the_jobs(grid, monkeypatch, capsys):
+    monkeypatch.chdir(grid)
+    sweep("grid.toml", shard=(1, 2))
+    done = {str(j.out) for j in plan("grid.toml") if j.status == "done"}
+    assert done == {"runs/cfg/sup/seed1", "runs/cfg/vat/seed1"}
+    assert parse_shard("3/4") == (3, 4)
+    for bad in ("4/4", "x", "1/0"):
+        with pytest.raises(ConfigError, match="--shard"):
+            parse_shard(bad)
+
+
+def test_bad_sweep_files_are_clear_errors(tmp_path):
+    (tmp_path / "a.toml").write_text('[[runs]]\nconfigs = ["nothing/*.toml"]\n')
+    with pytest.raises(ConfigError, match="no config file matches"):
+        plan(tmp_path / "a.toml")
+    (tmp_path / "b.toml").write_text("colour = 1\n")
+    with pytest.raises(ConfigError, match="unknown key"):
+        plan(tmp_path / "b.toml")
