@@ -9,7 +9,7 @@ import pytest
 from lvat.config import Config, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-RUNS = sorted(p for p in CONFIGS.glob("**/*.toml") if p.parent.name != "fit")
+RUNS = sorted(p for p in CONFIGS.glob("**/*.toml") if p.parent.name not in ("fit", "sweeps"))
 
 VAT_EPS = {"svhn": 2.5, "svhn-aug": 3.5, "cifar10": 10.0, "cifar10-aug": 8.0}
 LVAT_VAE_EPS = {"svhn": 1.5, "cifar10": 1.0}
