@@ -45,3 +45,10 @@ test: lint fashion-mnist
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# Training-step benchmark on this machine's device (GPU if present): ours vs a naive port,
+# plus the sup-160 reference; writes bench/cpu.json or bench/cuda.json. About 6 min on 2 idle CPU
+# cores. A quick look: make bench BENCH_FLAGS="--models conv-small --methods sup,vat".
+.PHONY: bench
+bench: $(STAMP)
+	$(BIN)/lvat bench $(BENCH_FLAGS)

@@ -31,14 +31,21 @@ def test_paper_configs_match_the_recipe(setting, regime):
         cfg = load_config(Config, folder / f"{method}.toml")
         outs.add(cfg.out)
         assert cfg.data.name == dataset and cfg.data.augment == setting.endswith("-aug")
-        assert cfg.data.flip == ("on" if setting == "cifar10-aug" else "off" if "aug" in setting
-                                 else "auto")  # fmt: skip
+        assert cfg.data.flip == (
+            "on" if setting == "cifar10-aug" else "off" if "aug" in setting else "auto"
+        )
         labels = {"svhn": 1000, "cifar10": 4000}[dataset] if regime == "ssl" else -1
         assert cfg.data.num_labeled == labels
         assert cfg.model.name == "conv-large" and cfg.model.top_bn == (dataset == "svhn")
         t = cfg.train
-        assert (t.steps, t.batch_labeled, t.batch_unlabeled, t.lr, t.decay_steps, t.decay_beta1) == (
-            {"svhn": 48000, "cifar10": 200000}[dataset], 32, 128, 1e-3, 16000, 0.5)  # fmt: skip
+        assert (
+            t.steps,
+            t.batch_labeled,
+            t.batch_unlabeled,
+            t.lr,
+            t.decay_steps,
+            t.decay_beta1,
+        ) == ({"svhn": 48000, "cifar10": 200000}[dataset], 32, 128, 1e-3, 16000, 0.5)
         m = cfg.method
         assert (m.alpha, m.xi, m.power_iterations) == (1.0, 1e-6, 1)
         if method == "vat":

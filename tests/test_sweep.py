@@ -21,12 +21,13 @@ def grid(tmp_path) -> Path:
     rng = np.random.default_rng(0)
     y = np.arange(120) % 10
     x = rng.integers(0, 256, (120, 16, 16), dtype=np.uint8)
-    np.savez(tmp_path / "toy.npz", x_train=x[:100], y_train=y[:100], x_test=x[100:],
-             y_test=y[100:])  # fmt: skip
+    np.savez(tmp_path / "toy.npz", x_train=x[:100], y_train=y[:100], x_test=x[100:], y_test=y[100:])
     (tmp_path / "cfg").mkdir()
-    common = ('[data]\nname = "toy.npz"\nnum_labeled = 20\n[model]\nname = "conv-small"\n'
-              '[train]\nsteps = 4\nbatch_labeled = 4\nbatch_unlabeled = 8\ndecay_steps = 2\n'
-              'log_every = 2\neval_every = 2\ncheckpoint_every = 2\nprogress = false\n')  # fmt: skip
+    common = (
+        '[data]\nname = "toy.npz"\nnum_labeled = 20\n[model]\nname = "conv-small"\n'
+        "[train]\nsteps = 4\nbatch_labeled = 4\nbatch_unlabeled = 8\ndecay_steps = 2\n"
+        "log_every = 2\neval_every = 2\ncheckpoint_every = 2\nprogress = false\n"
+    )
     for method in ("sup", "vat"):
         (tmp_path / "cfg" / f"{method}.toml").write_text(
             f'device = "cpu"\n{common}[method]\nname = "{method}"\n'
@@ -41,8 +42,9 @@ def grid(tmp_path) -> Path:
 def test_plan_lists_every_config_and_seed(grid, monkeypatch):
     monkeypatch.chdir(grid)
     jobs = plan("grid.toml")
-    assert [str(j.out) for j in jobs] == [f"runs/cfg/{m}/seed{s}" for m in ("sup", "vat")
-                                          for s in (0, 1)]  # fmt: skip
+    assert [str(j.out) for j in jobs] == [
+        f"runs/cfg/{m}/seed{s}" for m in ("sup", "vat") for s in (0, 1)
+    ]
     cfg = load_config(Config, jobs[3].config, jobs[3].flags)
     assert (cfg.seed, cfg.data.split_seed, cfg.method.name) == (1, 1, "vat")
 
@@ -85,3 +87,15 @@ def test_bad_sweep_files_are_clear_errors(tmp_path):
     (tmp_path / "b.toml").write_text("colour = 1\n")
     with pytest.raises(ConfigError, match="unknown key"):
         plan(tmp_path / "b.toml")
+
+
+def test_the_shipped_table3_sweep_covers_the_whole_table():
+    path = Path(__file__).resolve().parents[1] / "configs" / "sweeps" / "table3.toml"
+    jobs = plan(path)
+    fits = [j for j in jobs if j.kind.startswith("fit")]
+    runs = [j for j in jobs if j.kind == "train"]
+    assert len(fits) == 8 and len(runs) == 4 * 4 * 5 + 4 * 4 * 3  # SSL 5 seeds, SL 3 runs
+    trained = {j.out / "checkpoint.pt" for j in fits}
+    needed = {p for j in runs for p in j.needs}
+    assert needed == trained  # every LVAT run's transformer is trained by the sweep itself
+    assert jobs.index(fits[-1]) < jobs.index(runs[0])  # transformers first

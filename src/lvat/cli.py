@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -61,10 +62,20 @@ def _cmd_train(args: argparse.Namespace, rest: Sequence[str]) -> int:
     else:
         cfg = load_config(Config, args.config, rest)
     results = train(cfg, resume=bool(args.resume))
-    print(
-        f"{cfg.method.name} on {results['dataset']}: test error {results['test_error']:.2f}% "
-        f"after {results['steps']} steps ({results['wall_time_s']:.0f} s); run folder {cfg.out}"
-    )
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one line for the whole job
+        print(
+            f"{cfg.method.name} on {results['dataset']}: test error {results['test_error']:.2f}% "
+            f"after {results['steps']} steps ({results['wall_time_s']:.0f} s); run folder "
+            f"{cfg.out}"
+        )
+    return 0
+
+
+def _cmd_fit(args: argparse.Namespace, rest: Sequence[str]) -> int:
+    from lvat.fit import fit, fit_config, summary
+
+    cfg = fit_config(args.kind, args.config, rest, dataset=args.dataset, resume=args.resume)
+    print(summary(fit(cfg, resume=bool(args.resume))))
     return 0
 
 
@@ -81,6 +92,83 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                 f"  {split}: error {res[f'{split}_error']:.2f}% on {res[f'{split}_count']} "
                 f"images; per-class accuracy % [{acc}]"
             )
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from lvat.analysis.report import write_report
+
+    report, markdown = write_report(args.run_dirs, args.out)
+    print(markdown, end="")
+    n = sum(c.n for c in report.cells)
+    print(
+        f"{n} finished runs in {len(report.cells)} cells, {len(report.unfinished)} unfinished; "
+        f"wrote {args.out}.md and {args.out}.csv"
+    )
+    return 0
+
+
+def _cmd_figures(args: argparse.Namespace) -> int:
+    from lvat.analysis.figures import make_figures, summary_text
+
+    info = make_figures(
+        args.run_dir,
+        samples=args.samples,
+        eps_vat=args.eps_vat,
+        transformer=args.transformer,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        device=args.device,
+    )
+    print(summary_text(info))
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from lvat.experiments.sweep import parse_shard, sweep
+
+    failed = sweep(args.file, shard=parse_shard(args.shard), dry_run=args.dry_run)
+    if failed:
+        print(f"lvat: {failed} job(s) failed; fix them and re-run to continue", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from lvat.experiments.demo import demo
+
+    demo(args.out)
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from lvat.bench import BenchOptions, run_bench, write_report
+    from lvat.train.setup import resolve_device
+
+    split = lambda v: tuple(x for x in v.split(",") if x)  # noqa: E731
+    opts = BenchOptions(
+        models=split(args.models),
+        methods=split(args.methods),
+        device=args.device,
+        batch_labeled=args.batch_labeled,
+        batch_unlabeled=args.batch_unlabeled,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        steps_per_repeat=args.steps_per_repeat,
+        amp=args.amp,
+        channels_last=args.channels_last,
+        compile=args.compile,
+        cache_latents=args.cache_latents,
+        naive=not args.no_naive,
+        peak_size=args.peak_size,
+        num_images=args.num_images,
+    )
+    from lvat.bench.suite import METHODS, MODELS
+
+    for what, given, known in (("model", opts.models, MODELS), ("method", opts.methods, METHODS)):
+        if not given or set(given) - set(known):
+            raise LvatError(f"--{what}s: choose from {', '.join(known)}; got {','.join(given)}")
+    out = args.out or f"bench/{resolve_device(args.device).type}.json"
+    print(f"wrote {write_report(run_bench(opts), out)}")
     return 0
 
 
@@ -125,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train a classifier (sup, VAT or LVAT; SL or SSL)",
         usage="lvat train [--config FILE | --resume RUN_DIR] [--key value ...]",
+        description="Train a classifier. Data-parallel on N processes (GPUs, or CPU with gloo):\n"
+        "  torchrun --nproc_per_node N -m lvat train [...]\n"
+        "train.batch_* are then global batches (each process takes 1/N); rank 0 writes the run.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=_config_help("Config"),
     )
@@ -136,10 +227,125 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the run in RUN_DIR exactly where its checkpoint stopped",
     )
     tr.set_defaults(func=_cmd_train, takes_overrides=True)
+    fit = sub.add_parser(
+        "fit",
+        help="train a transformer for LVAT: a VAE or a Glow",
+        description="Train the VAE or Glow whose latent space LVAT perturbs, on all training "
+        "images (labels ignored); evaluate on test images; write PNG grids and a checkpoint "
+        "that `--method.transformer` accepts. See `lvat fit vae --help`, `lvat fit glow --help`.",
+    )
+    fit_sub = fit.add_subparsers(dest="kind", metavar="KIND", required=True)
+    for kind, cls, what in (
+        ("vae", "VAEFitConfig", "the VAE of LVAT-VAE (paper Table 2; BCE + 0.1 KL)"),
+        ("glow", "GlowFitConfig", "the Glow of LVAT-Glow (L=3, K=22, 5-bit; NLL in bits/dim)"),
+    ):
+        fk = fit_sub.add_parser(
+            kind,
+            help=f"train {what}",
+            usage=f"lvat fit {kind} [--config FILE | --resume RUN_DIR] [--dataset NAME] "
+            "[--key value ...]",
+            description=f"Train {what}. H and W must be divisible by 8 (VAE; Glow: 2^n_levels), "
+            "so 28x28 images need --data.pad_to 32, and the classifier run must then use the same "
+            "data.pad_to. The data.num_labeled / num_validation / split keys are ignored: every "
+            "training image is used, labels ignored.",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            epilog=_config_help(cls),
+        )
+        fk.add_argument("--config", default=None, help="TOML or YAML config (configs/fit/)")
+        fk.add_argument("--dataset", default=None, metavar="NAME", help="same as --data.name")
+        fk.add_argument(
+            "--resume",
+            metavar="RUN_DIR",
+            default=None,
+            help="continue the fit in RUN_DIR exactly where its checkpoint stopped",
+        )
+        fk.set_defaults(func=_cmd_fit, takes_overrides=True)
+
     ev = sub.add_parser("eval", help="evaluate a run's classifier on test (and validation)")
     ev.add_argument("run_dir", help="a run folder written by `lvat train`")
     ev.add_argument("--device", default=None, help="device (default: the run's)")
     ev.set_defaults(func=_cmd_eval)
+    rep = sub.add_parser(
+        "report",
+        help="Table 3: mean ± std test error over seeds per method and setting, vs the paper",
+        description="Group finished runs into the cells of the paper's Table 3 (method x "
+        "dataset, augmentation, SSL/SL); print a Markdown table and write PREFIX.md and "
+        "PREFIX.csv. Unfinished runs are listed, not averaged.",
+    )
+    rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders or parents")
+    rep.add_argument("--out", default="report", metavar="PREFIX", help="default: ./report")
+    rep.set_defaults(func=_cmd_report)
+    fig = sub.add_parser(
+        "figures",
+        help="Figs. 2-4, training curves and Dec(Enc(x)) accuracy of a VAT/LVAT run",
+        description="Write PNGs and figures.json into RUN_DIR/figures/: histogram of "
+        "||x - x_adv|| (Fig. 2), image grids (Fig. 3), adversarial vs reconstruction "
+        "distances (Fig. 4), training curves; print accuracy on x vs Dec(Enc(x)).",
+    )
+    fig.add_argument("run_dir", help="a VAT or LVAT run folder written by `lvat train`")
+    fig.add_argument(
+        "--samples", type=int, default=5000, metavar="N", help="random test images (5000)"
+    )
+    fig.add_argument(
+        "--eps-vat", type=float, metavar="X", help="VAT eps marked in Fig. 2 for LVAT (2.5)"
+    )
+    fig.add_argument("--transformer", metavar="CKPT", help="VAE/Glow checkpoint for a VAT run")
+    fig.add_argument("--seed", type=int, default=0, help="seed for images and perturbations")
+    fig.add_argument(
+        "--batch-size", type=int, metavar="B", help="default: the run's batch_unlabeled"
+    )
+    fig.add_argument("--device", default=None, help="device (default: the run's)")
+    fig.set_defaults(func=_cmd_figures)
+    bench = sub.add_parser(
+        "bench",
+        help="time training steps of sup, VAT, LVAT-VAE, LVAT-Glow against a naive port",
+        description="Time training steps (batches 32 labeled + 128 unlabeled) of conv-large on "
+        "3x32x32 and conv-small on 1x32x32 on this device, ours and a naive PyTorch port side "
+        "by side, with a supervised sup-160 reference row; print ms/step, images/s, TFLOP/s "
+        "against the matmul peak measured in the same run, the conv-rate floor, and whether "
+        "the speed targets are met; write a JSON with hardware and versions. VAE and Glow are "
+        "random-init: timing needs no trained weights.",
+    )
+    bench.add_argument("--models", default="conv-large,conv-small", help="comma-separated")
+    bench.add_argument("--methods", default="sup,vat,lvat-vae,lvat-glow", help="comma-separated")
+    bench.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    bench.add_argument("--out", default=None, help="JSON report (default: bench/DEVICE.json)")
+    bench.add_argument("--warmup", type=int, default=None, help="untimed steps (CPU 1, GPU 5)")
+    bench.add_argument("--repeats", type=int, default=None, help="timed runs (CPU 3, GPU 10)")
+    bench.add_argument(
+        "--steps-per-repeat", type=int, default=None, help="steps per timed run (CPU 1, GPU 10)"
+    )
+    bench.add_argument("--batch-labeled", type=int, default=32, help="paper: 32")
+    bench.add_argument("--batch-unlabeled", type=int, default=128, help="paper: 128")
+    bench.add_argument("--amp", choices=("auto", "off", "bf16"), default="auto")
+    bench.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto")
+    bench.add_argument(
+        "--compile", choices=("auto", "on", "off"), default="auto", help="auto: on for CUDA"
+    )
+    bench.add_argument(
+        "--cache-latents", action="store_true", help="add LVAT rows with train.cache_latents"
+    )
+    bench.add_argument("--no-naive", action="store_true", help="skip the naive baseline rows")
+    bench.add_argument("--peak-size", type=int, default=None, help="matmul n (CPU 1024, GPU 8192)")
+    bench.add_argument("--num-images", type=int, default=1024, help="random image pool size")
+    bench.set_defaults(func=_cmd_bench)
+
+    sw = sub.add_parser(
+        "sweep",
+        help="run a grid of fits and trainings from one file (skips done, resumes interrupted)",
+    )
+    sw.add_argument("file", help="sweep file, e.g. configs/sweeps/table3.toml")
+    sw.add_argument("--dry-run", action="store_true", help="list the jobs and their status only")
+    sw.add_argument(
+        "--shard",
+        default="0/1",
+        metavar="I/N",
+        help="run only jobs I, I+N, I+2N, ... (0 <= I < N), to spread over machines",
+    )
+    sw.set_defaults(func=_cmd_sweep)
+    dm = sub.add_parser("demo", help="Fashion-MNIST on CPU: VAE, then sup/vat/lvat-vae compared")
+    dm.add_argument("--out", default="runs/demo", help="folder for the demo's runs")
+    dm.set_defaults(func=_cmd_demo)
 
     cfg = sub.add_parser(
         "config",

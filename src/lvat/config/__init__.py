@@ -12,14 +12,34 @@ from lvat.config.core import (
     save_config,
     to_dict,
 )
-from lvat.config.schema import Config, DataConfig, MethodConfig, ModelConfig, TrainConfig
+from lvat.config.schema import (
+    Config,
+    DataConfig,
+    FitTrainConfig,
+    GlowFitConfig,
+    GlowModelConfig,
+    GlowTrainConfig,
+    MethodConfig,
+    ModelConfig,
+    TrainConfig,
+    VAEFitConfig,
+    VAEModelConfig,
+    VAETrainConfig,
+)
 
 __all__ = [
     "Config",
     "DataConfig",
+    "FitTrainConfig",
+    "GlowFitConfig",
+    "GlowModelConfig",
+    "GlowTrainConfig",
     "MethodConfig",
     "ModelConfig",
     "TrainConfig",
+    "VAEFitConfig",
+    "VAEModelConfig",
+    "VAETrainConfig",
     "dumps_toml",
     "field_docs",
     "from_dict",

@@ -87,9 +87,11 @@ class TrainConfig:
     steps: int = option(48000, ge=1)
     """Parameter updates (paper: 48,000 for SVHN, 200,000 for CIFAR-10)."""
     batch_labeled: int = option(32, ge=1)
-    """Labeled images per step, for the cross-entropy."""
+    """Labeled images per step, for the cross-entropy. Global: under torchrun each of the N
+    processes takes batch_labeled / N (must divide)."""
     batch_unlabeled: int = option(128, ge=1)
-    """Images per step for the consistency cost, drawn from all non-held-out training images."""
+    """Images per step for the consistency cost, drawn from all non-held-out training images.
+    Global, like batch_labeled."""
     lr: float = option(1e-3, gt=0.0)
     """Adam learning rate before the decay."""
     beta1: float = option(0.9, ge=0.0, lt=1.0)
@@ -113,6 +115,21 @@ class TrainConfig:
     """Also log to TensorBoard (needs `pip install tensorboard`)."""
     progress: bool = True
     """Show a progress bar with ETA on stderr."""
+    amp: Literal["auto", "off", "bf16"] = "auto"
+    """Mixed precision. bf16: the labeled pass and the adversarial pass (the ones the parameter
+    gradients come from) run under bf16 autocast; the clean target, the power-iteration probes
+    and every VAE/Glow pass stay in true float32 (a bf16 or TF32 probe of norm xi rounds away).
+    auto: bf16 on CUDA, off elsewhere (CPUs without bf16 units run it slower)."""
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    """Store the classifier's conv weights (and so its activations) channels-last (NHWC), the
+    layout tensor cores want. auto: on for CUDA, off elsewhere."""
+    compile: bool = False
+    """torch.compile the classifier and the transformer's decode (not the autograd.grad call
+    around them). Pays on GPUs for long runs; the first steps then take minutes to compile."""
+    cache_latents: bool = False
+    """LVAT only: encode every training image once at the start (the transformer is frozen) and
+    look latents up per step; memory cost is printed. Needs data.augment = false. With Glow the
+    dequantisation noise of encode is then drawn once per image, not once per step."""
 
 
 @dataclass
@@ -129,3 +146,185 @@ class Config:
     """Device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps."""
     out: str = "runs/default"
     """Run folder: config, split, metrics, checkpoints and results are written here."""
+
+
+# ---------------------------------------------------------------------------------------------
+# `lvat fit vae|glow`: training the generative transformers (SPEC section 2).
+#
+# One budget unit for both kinds, as for the classifier: parameter updates (`steps`). The VAE
+# recipe of the paper is in epochs; its defaults below are converted for SVHN (73,257 training
+# images / batch 256 = 286.2 steps per epoch) and configs/fit/*.toml give the other datasets.
+
+
+@dataclass
+class FitTrainConfig:
+    """Optimisation, evaluation and bookkeeping of `lvat fit` (shared by VAE and Glow)."""
+
+    steps: int = option(1000, ge=1)
+    """Parameter updates."""
+    batch_size: int = option(128, ge=1)
+    """Training images per update, drawn from all training images (labels ignored)."""
+    lr: float = option(1e-4, gt=0.0)
+    """Adam learning rate (after the warm-up, before any decay)."""
+    beta1: float = option(0.9, ge=0.0, lt=1.0)
+    """Adam beta1."""
+    beta2: float = option(0.999, ge=0.0, lt=1.0)
+    """Adam beta2."""
+    warmup_steps: int = option(0, ge=0)
+    """Linear learning-rate warm-up: update i (0-based) uses lr * (i + 1) / warmup_steps for
+    i < warmup_steps; 0 = none."""
+    lr_milestones: list[int] = field(default_factory=list)
+    """Piecewise-constant lr: updates at which the factor switches to the next of `lr_factors`
+    (increasing). Empty = one constant factor 1."""
+    lr_factors: list[float] = field(default_factory=list)
+    """Multipliers of lr before the first milestone, between milestones and after the last
+    (one more than `lr_milestones`)."""
+    decay_start: int = option(0, ge=0)
+    """Exponential staircase decay: from this update on, lr is multiplied by `decay_rate` once
+    every `decay_every` updates."""
+    decay_every: int = option(1, ge=1)
+    """Updates between two decay steps."""
+    decay_rate: float = option(1.0, gt=0.0, le=1.0)
+    """Factor per decay step; 1 = no decay."""
+    eval_every: int = option(1000, ge=1)
+    """Evaluate on test images (and redraw the PNG grids) every this-many steps, and at the end."""
+    eval_images: int = option(0, ge=0)
+    """Test images used by the periodic evaluations (the first ones; 0 = all)."""
+    final_eval_images: int = option(0, ge=0)
+    """Test images used by the final evaluation, the numbers in results.json (0 = all: report
+    those; fewer only for smoke tests)."""
+    eval_batch_size: int = option(500, ge=1)
+    """Images per evaluation batch (memory and speed; the seeded noise draws - dequantisation,
+    posterior samples - follow the batching, so results move at the noise level only)."""
+    grid_images: int = option(64, ge=1)
+    """Images in each PNG grid: test.png, reconstruction.png (Dec(Enc(x)) of the same test
+    images) and samples.png."""
+    log_every: int = option(100, ge=1)
+    """Write averaged training metrics (and the non-finite-decode probe) every this-many steps."""
+    checkpoint_every: int = option(1000, ge=1)
+    """Write the checkpoint every this-many steps (atomically), and at the end."""
+    tensorboard: bool = False
+    """Also log to TensorBoard (needs `pip install tensorboard`)."""
+    progress: bool = True
+    """Show a progress bar with ETA on stderr."""
+
+
+@dataclass
+class VAEModelConfig:
+    """The VAE of paper Table 2 (arguments of `lvat.models.VAE`)."""
+
+    latent_dim: int = option(128, ge=1)
+    """Dimension of the latent mean mu that LVAT perturbs (paper: 128)."""
+    sigma_floor_one: bool = True
+    """Clip log sigma >= 1e-8, so sigma >= 1, as the authors' code does (it sets the latent scale
+    eps acts on); false = a standard VAE."""
+    truncated_noise: bool = True
+    """Reparameterisation noise from a normal truncated at +-2 std (authors); false = N(0, 1)."""
+
+
+@dataclass
+class VAETrainConfig(FitTrainConfig):
+    """VAE training (paper section 5.2): Adam(0.9, 0.999), batch 256, lr 1e-3, x0.97 every 2
+    epochs after epoch 80, 300 epochs."""
+
+    steps: int = option(85848, ge=1)
+    """Parameter updates. Paper: 300 epochs = 85,848 steps on SVHN (73,257 / 256 per epoch),
+    58,594 on CIFAR-10, 70,313 on Fashion-MNIST."""
+    batch_size: int = option(256, ge=1)
+    """Training images per update (paper: 256), drawn from all training images."""
+    lr: float = option(1e-3, gt=0.0)
+    """Adam learning rate before the decay (paper: 1e-3)."""
+    decay_start: int = option(22893, ge=0)
+    """Update at which the staircase decay starts (paper: after epoch 80 = 22,893 steps on SVHN,
+    15,625 on CIFAR-10, 18,750 on Fashion-MNIST); the first x0.97 comes one `decay_every` later,
+    as in the authors' code (after epoch 82)."""
+    decay_every: int = option(572, ge=1)
+    """Updates between two decays (paper: 2 epochs = 572 steps on SVHN, 391 on CIFAR-10, 469 on
+    Fashion-MNIST)."""
+    decay_rate: float = option(0.97, gt=0.0, le=1.0)
+    """Factor per decay step (paper: 0.97)."""
+    eval_every: int = option(5000, ge=1)
+    """Evaluate on test images (and redraw the PNG grids) every this-many steps, and at the end."""
+    checkpoint_every: int = option(5000, ge=1)
+    """Write the checkpoint every this-many steps (atomically), and at the end."""
+    kl_weight: float = option(0.1, ge=0.0)
+    """Weight of the KL term in the loss BCE + kl_weight * KL (authors' code: 0.1)."""
+
+
+@dataclass
+class VAEFitConfig:
+    """`lvat fit vae`: train the VAE transformer of LVAT-VAE on all training images."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: VAEModelConfig = field(default_factory=VAEModelConfig)
+    train: VAETrainConfig = field(default_factory=VAETrainConfig)
+    seed: int = option(0, ge=0)
+    """Seed for initialisation, batch order, augmentation and sampling noise."""
+    device: str = "auto"
+    """Device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps."""
+    out: str = ""
+    """Run folder (config, metrics, PNG grids, checkpoint.pt, results.json); empty =
+    runs/fit/DATASET-vae."""
+
+
+@dataclass
+class GlowModelConfig:
+    """The multi-scale Glow of the authors' code (arguments of `lvat.models.Glow`)."""
+
+    n_levels: int = option(3, ge=1)
+    """L, levels (authors: 3); image H and W must be divisible by 2^L."""
+    n_steps: int = option(22, ge=0)
+    """K, flow steps per level (authors: 22)."""
+    width: int = option(128, ge=1)
+    """Hidden channels of each coupling network (authors: 128)."""
+    n_bits: int = option(5, ge=1, le=8)
+    """Bits per colour channel the model sees (authors: 5; 8 = the full data)."""
+    coupling: Literal["affine", "sigmoid"] = "affine"
+    """affine: scale exp(clip(h, +-15)) (authors); sigmoid: sigmoid(h + 2) (bounded, Glow paper)."""
+
+
+@dataclass
+class GlowTrainConfig(FitTrainConfig):
+    """Glow training: Adam lr 1e-4 (paper) with the authors' schedule of 15,600 updates at
+    batch 128 (geosada/LVAT glow/main.py); 25,600 with augmentation."""
+
+    steps: int = option(15600, ge=1)
+    """Parameter updates (authors: 15,600; 25,600 with augmentation; the paper's "3,200 / 5,200
+    iterations" do not match their code)."""
+    batch_size: int = option(128, ge=1)
+    """Training images per update (authors: 128), drawn from all training images."""
+    lr: float = option(1e-4, gt=0.0)
+    """Adam base learning rate (paper: 1e-4)."""
+    warmup_steps: int = option(100, ge=0)
+    """Linear lr warm-up over the first updates: the length of the authors' warm-up phase (100
+    updates at 1e-4 before 500 at 5e-4), ramped linearly as in openai/glow; 0 = none."""
+    lr_milestones: list[int] = field(default_factory=lambda: [100, 600, 5600, 10600])
+    """Piecewise-constant lr: updates at which the factor switches to the next of `lr_factors`.
+    Authors: 100, 600, 5600, 10600 (with augmentation: 100, 600, 10600, 20600)."""
+    lr_factors: list[float] = field(default_factory=lambda: [1.0, 5.0, 1.0, 0.5, 1.0])
+    """Multipliers of lr between milestones (authors: 1e-4, 5e-4, 1e-4, 5e-5, 1e-4 = factors
+    1, 5, 1, 0.5, 1). Empty lists = constant lr."""
+    eval_every: int = option(2000, ge=1)
+    """Evaluate on test images (and redraw the PNG grids) every this-many steps, and at the end."""
+    checkpoint_every: int = option(2000, ge=1)
+    """Write the checkpoint every this-many steps (atomically), and at the end."""
+    init_images: int = option(512, ge=2)
+    """Training images for the data-dependent ActNorm init, done once before the first update."""
+    temperature: float = option(0.7, ge=0.0)
+    """Prior temperature of samples.png (Glow paper: 0.7 gives the best-looking samples)."""
+
+
+@dataclass
+class GlowFitConfig:
+    """`lvat fit glow`: train the Glow transformer of LVAT-Glow on all training images."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: GlowModelConfig = field(default_factory=GlowModelConfig)
+    train: GlowTrainConfig = field(default_factory=GlowTrainConfig)
+    seed: int = option(0, ge=0)
+    """Seed for initialisation, batch order, augmentation and dequantisation noise."""
+    device: str = "auto"
+    """Device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps."""
+    out: str = ""
+    """Run folder (config, metrics, PNG grids, checkpoint.pt, results.json); empty =
+    runs/fit/DATASET-glow."""

@@ -51,7 +51,7 @@ def to_float(x: torch.Tensor) -> torch.Tensor:
     return x.float().div_(255)
 
 
-class _IndexStream:
+class IndexStream:
     """Endless batches of indices from a pool, reshuffled every pass (epoch)."""
 
     def __init__(self, pool: torch.Tensor, batch_size: int, generator: torch.Generator):
@@ -83,6 +83,7 @@ class Batch:
     x_labeled: torch.Tensor  # (B_l, C, H, W)
     y_labeled: torch.Tensor  # (B_l,)
     x_unlabeled: torch.Tensor  # (B_u, C, H, W)
+    idx_unlabeled: torch.Tensor | None = None  # (B_u,) indices into x_train (latent cache look-up)
 
 
 class TrainBatches:
@@ -115,8 +116,8 @@ class TrainBatches:
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.augment, self.translate, self.flip = augment, translate, flip
         to_dev = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.long, device=self.device)  # noqa: E731
-        self.labeled = _IndexStream(to_dev(split.labeled), batch_labeled, self.generator)
-        self.unlabeled = _IndexStream(to_dev(split.unlabeled), batch_unlabeled, self.generator)
+        self.labeled = IndexStream(to_dev(split.labeled), batch_labeled, self.generator)
+        self.unlabeled = IndexStream(to_dev(split.unlabeled), batch_unlabeled, self.generator)
 
     def _images(self, idx: torch.Tensor) -> torch.Tensor:
         x = self.x[idx]
@@ -126,7 +127,7 @@ class TrainBatches:
 
     def next(self) -> Batch:
         li, ui = self.labeled.next(), self.unlabeled.next()
-        return Batch(self._images(li), self.y[li], self._images(ui))
+        return Batch(self._images(li), self.y[li], self._images(ui), ui)
 
     def __iter__(self) -> Iterator[Batch]:
         while True:

@@ -2,7 +2,7 @@
 
 A sweep file (TOML) lists the transformers to train first and the classifier runs:
 
-    out = "runs/table3"                       # classifier runs go to out/<config path>/seed<k>
+    out = "runs/table3"                       # runs go to out/<config's folder>/<config>/seed<k>
 
     [[fit]]                                   # trained first, into each fit config's own `out`
     kind = "vae"
@@ -90,9 +90,8 @@ def plan(path: str | Path) -> list[Job]:
         if not files:
             raise ConfigError(f"{where}: no config file matches {patterns}")
         for file in files:
-            rel = file.relative_to(base) if file.is_relative_to(base) else Path(file.name)
-            for seed in seeds:
-                run_out = out / rel.with_suffix("") / f"seed{seed}"
+            for seed in seeds:  # e.g. runs/table3/svhn-ssl/vat/seed0
+                run_out = out / file.parent.name / file.stem / f"seed{seed}"
                 seed_flags = [a for k in seed_keys for a in (f"--{k}", str(seed))]
                 job_flags = [*flags, *seed_flags, "--out", str(run_out)]
                 cfg = load_config(Config, file, job_flags)  # validates every run up front
@@ -102,9 +101,9 @@ def plan(path: str | Path) -> list[Job]:
 
 
 def _fit_out(config: Path, kind: str, flags: list[str]) -> str:
-    from lvat.fit import load_fit_config
+    from lvat.fit import fit_config
 
-    return load_fit_config(kind, config, flags).out
+    return fit_config(kind, str(config), flags).out
 
 
 def _run(job: Job) -> None:
@@ -114,9 +113,9 @@ def _run(job: Job) -> None:
 
         train(load_config(Config, job.config, job.flags), resume=resume)
     else:
-        from lvat.fit import fit, load_fit_config
+        from lvat.fit import fit, fit_config
 
-        fit(load_fit_config(job.kind[4:], job.config, job.flags), resume=resume)
+        fit(fit_config(job.kind[4:], str(job.config), job.flags), resume=resume)
 
 
 def parse_shard(text: str) -> tuple[int, int]:

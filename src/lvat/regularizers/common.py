@@ -7,11 +7,13 @@ Everything here is independent of the classifier, the transformer, datasets and 
 - `kl_divergence`, `entropy`: consistency cost and VAT+Ent term from logits, in float32 or float64.
 - `power_iteration`: the gradient g of Algorithms 1/2, w.r.t. the perturbation d only.
 - `frozen_bn_stats`: unlabeled passes use batch statistics but never update running statistics.
+- `full_precision`: no autocast and no TF32 inside, for the finite-difference probe passes.
 - `RngSnapshot`: lets every unlabeled pass of one call draw the same dropout masks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -26,6 +28,7 @@ __all__ = [
     "check_hparams",
     "entropy",
     "frozen_bn_stats",
+    "full_precision",
     "kl_divergence",
     "normalize",
     "normalize_groups",
@@ -177,6 +180,60 @@ def frozen_bn_stats(model: nn.Module) -> Iterator[None]:
     finally:
         for m, flag in zip(bns, saved, strict=True):
             m.track_running_stats = flag
+
+
+@contextmanager
+def full_precision(device: torch.device | str) -> Iterator[None]:
+    """Inside, float32 convs and matmuls run in true float32: autocast off, TF32 off (CUDA).
+
+    The power iteration's probe x + xi*d moves each element by ~xi / sqrt(n) (2e-8 for xi = 1e-6
+    on a 3x32x32 image). Rounded to bf16 (8-bit mantissa) or TF32 (10-bit; cuDNN's default for
+    float32 convs on Ampere and later) at the first conv, that is below one unit in the last
+    place of any pixel > ~1e-5, so p(x + xi*d) == p(x) bit for bit, g = 0 and r = 0: VAT would
+    silently switch off. The target pass, the probe passes and every transformer pass therefore
+    run here; only the adversarial pass x + r (norm eps, far above rounding) may use reduced
+    precision. Flags are restored on exit; flipping them is host-side (no device sync).
+    """
+    device = torch.device(device)
+    is_available = getattr(torch.amp, "is_autocast_available", lambda t: t in ("cpu", "cuda"))
+    no_amp = (
+        torch.autocast(device.type, enabled=False)
+        if is_available(device.type)
+        else contextlib.nullcontext()
+    )
+    matmul = torch.get_float32_matmul_precision()  # "high"/"medium" allow TF32/bf16 matmuls
+    convs = no_tf32_convs() if device.type == "cuda" else contextlib.nullcontext()
+    if matmul != "highest":
+        torch.set_float32_matmul_precision("highest")
+    try:
+        with no_amp, convs:
+            yield
+    finally:
+        if matmul != "highest":
+            torch.set_float32_matmul_precision(matmul)
+
+
+@contextmanager
+def no_tf32_convs() -> Iterator[None]:
+    """cuDNN convolutions in IEEE float32 inside (torch's default lets them use TF32)."""
+    b = torch.backends.cudnn
+    try:
+        saved = b.allow_tf32  # the legacy flag, as torch's own default sets it
+    except RuntimeError:  # conv and RNN set apart with the per-op API: torch refuses one answer
+        saved = None
+    if saved is None:
+        conv = b.conv.fp32_precision
+        b.conv.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            b.conv.fp32_precision = conv
+        return
+    b.allow_tf32 = False
+    try:
+        yield
+    finally:
+        b.allow_tf32 = saved
 
 
 class RngSnapshot:

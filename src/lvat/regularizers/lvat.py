@@ -21,7 +21,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from lvat.regularizers.common import check_hparams, perturbation_dtype
+from lvat.regularizers.common import check_hparams, full_precision, perturbation_dtype
 from lvat.regularizers.vat import VirtualAdversarial, virtual_adversarial
 
 __all__ = ["LATENT_GROUPS", "LVAT", "Latent", "Transformer"]
@@ -120,14 +120,16 @@ class LVAT:
         )
 
     def _run(
-        self, model: nn.Module, x: Tensor, with_loss: bool
+        self, model: nn.Module, x: Tensor, with_loss: bool, z: Latent | None = None
     ) -> tuple[Latent, VirtualAdversarial]:
         t = self.transformer
         # A parent's .train() may have flipped it; checking the top-level flag is cheap.
         if isinstance(t, nn.Module) and t.training:
             t.eval()
-        with torch.no_grad():
-            z = t.encode(x)
+        if z is None:
+            # True float32 even under autocast: a bf16 Glow latent would not decode back to x.
+            with torch.no_grad(), full_precision(x.device):
+                z = t.encode(x.to(perturbation_dtype(x)) if x.is_floating_point() else x)
         # float32 latent maths even under autocast (SPEC §1); float64 latents stay float64.
         base = [g.detach().to(perturbation_dtype(g)) for g in _groups(z)]
         out = virtual_adversarial(
@@ -153,9 +155,14 @@ class LVAT:
         """x_adv = decode(encode(x) + r) (detached)."""
         return self._run(model, x, with_loss=False)[1].x_adv
 
-    def loss_and_stats(self, model: nn.Module, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """The loss and detached 0-d stats "kl", "entropy", "adv_l2" (mean ||x_adv - x||_2)."""
-        out = self._run(model, x, with_loss=True)[1]
+    def loss_and_stats(
+        self, model: nn.Module, x: Tensor, z: Latent | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The loss and detached 0-d stats "kl", "entropy", "adv_l2" (mean ||x_adv - x||_2).
+
+        `z`: encode(x) computed beforehand (a latent cache); None encodes x now.
+        """
+        out = self._run(model, x, with_loss=True, z=z)[1]
         return out.loss, out.stats
 
     def __call__(self, model: nn.Module, x: Tensor) -> Tensor:

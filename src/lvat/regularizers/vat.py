@@ -28,6 +28,7 @@ from lvat.regularizers.common import (
     check_hparams,
     entropy,
     frozen_bn_stats,
+    full_precision,
     kl_divergence,
     normalize_groups,
     perturbation_dtype,
@@ -63,7 +64,9 @@ def virtual_adversarial(
 
     The classifier runs on: x (clean target), to_input(base + xi*d) (`power_iterations` times)
     and to_input(base + r) (only if `with_loss`). All these passes share one set of dropout masks
-    and use batch statistics without touching BatchNorm running stats (SPEC §1).
+    and use batch statistics without touching BatchNorm running stats (SPEC §1). Under autocast
+    only the last classifier pass (the one the loss's parameter gradients come from) runs in
+    reduced precision; the others, and `to_input`, run in true float32 (`full_precision`).
 
     Args:
         model: classifier, x -> logits (B, K); its mode (train/eval) is left as the caller set it.
@@ -91,23 +94,28 @@ def virtual_adversarial(
             rng.restore()
             return model(x_in)
 
-        # Entropy needs the clean pass's graph; otherwise the target needs none (SPEC §1).
-        keep_graph = with_loss and entropy_weight > 0
-        with contextlib.nullcontext() if keep_graph else torch.no_grad():
-            clean_logits = forward(x)
-        target = clean_logits.detach()
+        # Target, probes and x_adv in true float32 (`full_precision`: a bf16/TF32 probe rounds
+        # away and g == 0); only the adversarial pass below runs in the caller's precision.
+        with full_precision(x.device):
+            # Entropy needs the clean pass's graph; otherwise the target needs none (SPEC §1).
+            keep_graph = with_loss and entropy_weight > 0
+            # The same dtype as the probes' inputs (a bf16 x would meet float32 weights here).
+            x_clean = x.to(perturbation_dtype(x)) if x.is_floating_point() else x
+            with contextlib.nullcontext() if keep_graph else torch.no_grad():
+                clean_logits = forward(x_clean)
+            target = clean_logits.detach()
 
-        g = power_iteration(
-            lambda ds: forward(to_input([b + di for b, di in zip(base, ds, strict=True)])),
-            target,
-            d,
-            xi,
-            power_iterations,
-            joint,
-        )
-        r = [eps * n for n in normalize_groups(g, joint)]
-        with torch.no_grad():  # r is a constant: x_adv carries no graph
-            x_adv = to_input([b + ri for b, ri in zip(base, r, strict=True)])
+            g = power_iteration(
+                lambda ds: forward(to_input([b + di for b, di in zip(base, ds, strict=True)])),
+                target,
+                d,
+                xi,
+                power_iterations,
+                joint,
+            )
+            r = [eps * n for n in normalize_groups(g, joint)]
+            with torch.no_grad():  # r is a constant: x_adv carries no graph
+                x_adv = to_input([b + ri for b, ri in zip(base, r, strict=True)])
         if not with_loss:
             return VirtualAdversarial(r, x_adv, None, None)
 
@@ -153,7 +161,8 @@ class VAT:
 
     The model is called in whatever mode the caller set (train mode in training); BatchNorm running
     statistics are never updated by these calls and the passes of one call share dropout masks.
-    The perturbation maths is float32 (float64 for float64 inputs), also under autocast.
+    The perturbation maths is float32 (float64 for float64 inputs), also under autocast, and so
+    are the target and probe passes; only the adversarial pass follows the caller's autocast.
     """
 
     def __init__(

@@ -1,4 +1,5 @@
-"""Training: the one loop for SL/SSL x {sup, VAT, LVAT}, its schedule, checkpoints and runs."""
+"""Training: the one loop for SL/SSL x {sup, VAT, LVAT}, its step, schedule, fast path,
+data-parallel helpers (torchrun), checkpoints and runs."""
 
 from lvat.train.loop import NonFiniteLoss, train
 from lvat.train.runs import Run, evaluate_run, load_run

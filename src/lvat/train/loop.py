@@ -1,9 +1,10 @@
 """The one training loop: SL and SSL, with no regularizer, VAT or LVAT (paper section 5.2).
 
-Per step: cross-entropy on a labeled batch (the only pass that updates BatchNorm statistics),
-plus alpha times the regularizer's consistency cost on an unlabeled batch; Adam with the paper's
-schedule. Metrics are summed on the device and read back every `log_every` steps only, so a
-step has no host synchronisation. A run folder holds:
+Per step (`lvat.train.step.train_step`): cross-entropy on a labeled batch (the only pass that
+updates BatchNorm statistics), plus alpha times the regularizer's consistency cost on an unlabeled
+batch; Adam with the paper's schedule. Metrics are summed on the device and read back every
+`log_every` steps only, so a step has no host synchronisation. Under torchrun the same loop runs
+data-parallel (`lvat.train.distributed`); rank 0 writes the run folder:
 
     config.toml  split.json  metrics.jsonl  eval.jsonl  checkpoint.pt  results.json
 """
@@ -12,23 +13,26 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as F  # noqa: F401  (the step's F; tests patch loop.F.cross_entropy)
 
 from lvat.config import Config, save_config, to_dict
 from lvat.data import load_from_config, resolve_split, train_batches
 from lvat.environment import environment
 from lvat.errors import LvatError
 from lvat.io import atomic_write_text
-from lvat.train import checkpoint, schedule
+from lvat.train import checkpoint, distributed, fast, schedule
+from lvat.train.distributed import GradSync, World, rank_seed
 from lvat.train.monitor import MetricsLog, Progress
 from lvat.train.runs import evaluate_splits
-from lvat.train.setup import build_model, build_regularizer, resolve_device
+from lvat.train.setup import build_model, build_regularizer
+from lvat.train.step import STATS, train_step
 
-METRICS = ("loss", "ce", "kl", "entropy", "adv_l2")  # summed per step, averaged per log row
+METRICS = STATS  # summed per step, averaged per log row
 
 
 class NonFiniteLoss(LvatError):
@@ -38,55 +42,91 @@ class NonFiniteLoss(LvatError):
 def train(cfg: Config, *, resume: bool = False, stop_at: int | None = None) -> dict:
     """Train (or resume) the run described by `cfg` in `cfg.out`; return its results.
 
+    Under torchrun every rank calls this and gets the same results back (see
+    `lvat.train.distributed` for the data-parallel contract).
+
     Args:
         cfg: the resolved config.
         resume: continue from `cfg.out/checkpoint.pt` exactly where it stopped.
         stop_at: stop after this many total steps (checkpointing there) without finishing;
             for time-boxed jobs and tests. The schedule still runs to `cfg.train.steps`.
     """
-    run = Path(cfg.out)
-    ckpt_path = run / checkpoint.CHECKPOINT
+    ckpt_path = Path(cfg.out) / checkpoint.CHECKPOINT
     if ckpt_path.exists() and not resume:
         raise LvatError(
-            f"{run} already holds a run; add --resume to continue it or pick another --out"
+            f"{cfg.out} already holds a run; add --resume to continue it or pick another --out"
         )
     if resume and not ckpt_path.exists():
         raise LvatError(f"nothing to resume: {ckpt_path} does not exist")
-    tc = cfg.train
-    device = resolve_device(cfg.device)
+    return _train(cfg, distributed.start(cfg.device), resume, stop_at)
+
+
+def _train(cfg: Config, world: World, resume: bool, stop_at: int | None) -> dict:
+    run = Path(cfg.out)
+    ckpt_path = run / checkpoint.CHECKPOINT
+    tc, device, main = cfg.train, world.device, world.is_main
+    batch_l = distributed.local_batch(tc.batch_labeled, world, "train.batch_labeled")
+    batch_u = distributed.local_batch(tc.batch_unlabeled, world, "train.batch_unlabeled")
+    fast.check_cache(cfg)
+    fast_path = fast.resolve(tc, device)
     dataset = load_from_config(cfg.data)
-    run.mkdir(parents=True, exist_ok=True)
-    split = resolve_split(cfg.data, dataset, run)
+    if main:
+        run.mkdir(parents=True, exist_ok=True)
+    # Drawn (or read) once on rank 0, which writes split.json; the same object everywhere.
+    split = world.broadcast(resolve_split(cfg.data, dataset, run) if main else None)
     if cfg.method.name == "sup" and len(split.labeled) < 1:
         raise LvatError("no labeled images in the split")
-    save_config(cfg, run / "config.toml")
+    if main:
+        save_config(cfg, run / "config.toml")
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_model(cfg, dataset).to(device).train()
+    distributed.broadcast_module(model, world)
+    if world.rank:  # other ranks draw other dropout masks and perturbation noise
+        torch.manual_seed(rank_seed(cfg.seed, world.rank))
     regularizer = build_regularizer(cfg.method, device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2))
-    batches = train_batches(
-        cfg.data, dataset, split, tc.batch_labeled, tc.batch_unlabeled, device=device, seed=cfg.seed
-    )
-    metrics, evals = (
-        MetricsLog(run / "metrics.jsonl", tc.tensorboard),
-        MetricsLog(run / "eval.jsonl"),
-    )
+    cache = fast.latent_cache(cfg, regularizer, dataset.x_train, device, log=main)
+    fast.apply(model, regularizer, fast_path)
+    optimizer = fast.adam(model, tc, device)
+    sync = GradSync(model, world) if world.size > 1 else None
+    seed = rank_seed(cfg.seed, world.rank)
+    batches = train_batches(cfg.data, dataset, split, batch_l, batch_u, device=device, seed=seed)
+    metrics = MetricsLog(run / "metrics.jsonl", tc.tensorboard) if main else None
+    evals = MetricsLog(run / "eval.jsonl") if main else None
     start, elapsed = 0, 0.0
     if resume:
         state = checkpoint.load(ckpt_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        batches.load_state_dict(state["batches"])
-        checkpoint.set_rng_state(state["rng"])
         start, elapsed = int(state["step"]), float(state["elapsed"])
-        metrics.truncate_after(start)
-        evals.truncate_after(start)
+        own = distributed.own_state(state, world)
+        if own is not None:
+            batches.load_state_dict(own["batches"])
+            checkpoint.set_rng_state(own["rng"])
+        else:  # the number of processes changed: fresh, seeded streams (documented approximation)
+            if main:
+                print(
+                    f"resume: {state.get('world_size', 1)} -> {world.size} processes; batch order "
+                    "and noise restart from (seed + step, rank)",
+                    file=sys.stderr,
+                )
+            fresh = rank_seed(cfg.seed + start, world.rank)
+            torch.manual_seed(fresh)
+            batches = train_batches(
+                cfg.data, dataset, split, batch_l, batch_u, device=device, seed=fresh
+            )
+        if main:
+            metrics.truncate_after(start)
+            evals.truncate_after(start)
     end = min(tc.steps, stop_at) if stop_at is not None else tc.steps
 
     def save(step: int) -> None:
         if not all(torch.isfinite(p).all() for p in model.parameters()):
             raise NonFiniteLoss(f"non-finite weights at step {step}; {ckpt_path} was not touched")
+        own = {"batches": batches.state_dict(), "rng": checkpoint.rng_state()}
+        ranks = distributed.rank_states(world, **own)  # a collective: every rank takes part
+        if not main:
+            return
         checkpoint.save(
             ckpt_path,
             {
@@ -95,8 +135,8 @@ def train(cfg: Config, *, resume: bool = False, stop_at: int | None = None) -> d
                 "config": to_dict(cfg),
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
-                "batches": batches.state_dict(),
-                "rng": checkpoint.rng_state(),
+                **own,  # rank 0's; the other ranks' are in "ranks"
+                **ranks,
             },
         )
 
@@ -105,7 +145,7 @@ def train(cfg: Config, *, resume: bool = False, stop_at: int | None = None) -> d
         evals.write({k: v for k, v in row.items() if not isinstance(v, list)})
         return row
 
-    progress = Progress(end, start, tc.progress)
+    progress = Progress(end, start, tc.progress and main)
     final: dict = {}
     sums = torch.zeros(len(METRICS), device=device)
     window = 0
@@ -115,23 +155,22 @@ def train(cfg: Config, *, resume: bool = False, stop_at: int | None = None) -> d
         lr, beta1 = schedule.lr_and_beta1(step, tc)
         schedule.apply(optimizer, lr, beta1)
         batch = batches.next()
-        ce = F.cross_entropy(model(batch.x_labeled), batch.y_labeled)  # updates BN statistics
-        loss, zero = ce, ce.new_zeros(())
-        stats = {"kl": zero, "entropy": zero, "adv_l2": zero}
-        if regularizer is not None:
-            reg_loss, stats = regularizer.loss_and_stats(model, batch.x_unlabeled)
-            loss = ce + cfg.method.alpha * reg_loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        sums += torch.stack(
-            [loss.detach(), ce.detach(), stats["kl"], stats["entropy"], stats["adv_l2"]]
-        ).float()
+        z = cache.lookup(batch.idx_unlabeled) if cache is not None else None
+        sums += train_step(
+            model,
+            regularizer,
+            optimizer,
+            batch,
+            cfg.method.alpha,
+            fast_path.amp_dtype,
+            z_unlabeled=z,
+            sync=sync,
+        )
         window += 1
         done = step + 1
         last = done == end
         if done % tc.log_every == 0 or last or done % tc.checkpoint_every == 0:
-            means = (sums / window).tolist()  # the host sync, once per window
+            means = (world.mean(sums) / window).tolist()  # the host sync, once per window
             if not all(math.isfinite(v) for v in means):
                 raise NonFiniteLoss(
                     f"non-finite loss between steps {done - window + 1} and {done}; training "
@@ -147,30 +186,38 @@ def train(cfg: Config, *, resume: bool = False, stop_at: int | None = None) -> d
                 "steps_per_s": window / (now - t_log),
                 "time_s": elapsed + now - t0,
             }
-            metrics.write(row)
+            if main:
+                metrics.write(row)
             progress.update(done, loss=row["loss"])
             sums.zero_()
             window, t_log = 0, now
-        if done % tc.eval_every == 0 or last:
+        if main and (done % tc.eval_every == 0 or last):
             final = run_eval(done)
         if done % tc.checkpoint_every == 0 or last:
             save(done)
     progress.close()
-    metrics.close()
+    if main:
+        metrics.close()
     if end < tc.steps:
+        world.barrier()  # nobody leaves (and maybe resumes) before rank 0 has saved
         return {"step": end, "finished": False}
-    if not final:  # resumed a run that had already finished
+    if main and not final:  # resumed a run that had already finished
         final = run_eval(tc.steps)
-    results = {
-        "method": cfg.method.name,
-        "dataset": dataset.name,
-        "num_labeled": len(split.labeled),
-        "seed": cfg.seed,
-        "split_seed": split.seed,
-        **{k: v for k, v in final.items() if k != "step"},
-        "steps": tc.steps,
-        "wall_time_s": round(elapsed + time.perf_counter() - t0, 2),
-        **environment(device),
-    }
-    atomic_write_text(run / "results.json", json.dumps(results, indent=1) + "\n")
-    return results
+    results = None
+    if main:
+        results = {
+            "method": cfg.method.name,
+            "dataset": dataset.name,
+            "num_labeled": len(split.labeled),
+            "seed": cfg.seed,
+            "split_seed": split.seed,
+            **{k: v for k, v in final.items() if k != "step"},
+            "steps": tc.steps,
+            "wall_time_s": round(elapsed + time.perf_counter() - t0, 2),
+            "processes": world.size,
+            **fast_path.describe(),
+            **fast.describe_cache(cache),
+            **environment(device),
+        }
+        atomic_write_text(run / "results.json", json.dumps(results, indent=1) + "\n")
+    return world.broadcast(results)  # also keeps the other ranks until rank 0 has written

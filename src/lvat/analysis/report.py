@@ -1,0 +1,376 @@
+"""`lvat report`: the paper's Table 3 from run folders — mean ± std of test error over seeds.
+
+A run is read from its folder alone (results.json, config.toml, split.json), never rebuilt, so a
+report over hundreds of runs takes seconds. Runs are grouped into the cells of Table 3:
+
+    rows     method: sup, VAT, LVAT-VAE, LVAT-Glow (LVAT if the transformer's kind is unknown),
+             "+Ent" with entropy minimisation, and "eps=X" when one method was run at several eps
+    columns  dataset, augmentation, SSL (with its label count) or SL (every label)
+
+Each cell holds the mean and sample standard deviation (ddof=1) of the runs' test error and their
+number n; the paper's value sits beside it where the paper has that cell. Runs with no
+results.json are listed as running/unfinished and never averaged.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+import sys
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from lvat.analysis.paper import (
+    DATASET_LABELS,
+    METHOD_LABELS,
+    PAPER_DATASETS,
+    PAPER_LABELS,
+    TABLE3,
+    Cell,
+    paper_cells,
+    paper_error,
+)
+from lvat.errors import LvatError
+from lvat.io import atomic_write_text
+
+CSV_FIELDS = ("method", "dataset", "aug", "setting", "mean", "std", "n", "paper")
+CSV_EXTRA = ("num_labeled", "eps", "runs_differ_in", "runs")
+_METHOD_ORDER = ("sup", "vat", "lvat-vae", "lvat-glow", "lvat")
+# Settings that should agree between the seeds of one cell; a difference is flagged, not hidden.
+_SAME_WITHIN_CELL = (
+    ("model", "name"),
+    ("model", "top_bn"),
+    ("train", "steps"),
+    ("method", "xi"),
+    ("method", "latent_groups"),
+    ("method", "transformer"),
+    ("data", "num_validation"),
+)
+
+
+@dataclass
+class RunInfo:
+    """What the report needs from one run folder."""
+
+    path: Path
+    cell: Cell
+    num_labeled: int  # labeled training images (all of them for SL)
+    eps: float | None  # None for sup
+    entropy: bool  # VAT+Ent / LVAT+Ent
+    config: dict  # raw config.toml
+    test_error: float | None  # None: no results.json yet
+    progress: str = ""  # "step 300/48000" for unfinished runs
+
+    @property
+    def row(self) -> str:
+        return METHOD_LABELS.get(self.cell.method, self.cell.method) + (
+            "+Ent" if self.entropy else ""
+        )
+
+    @property
+    def column(self) -> tuple[str, bool, str, int]:
+        return (self.cell.dataset, self.cell.aug, self.cell.setting, self.num_labeled)
+
+
+def find_runs(paths: list[str | Path]) -> list[Path]:
+    """Run folders: each path itself if it is one, else every run folder beneath it."""
+    found: dict[Path, None] = {}
+    for p in map(Path, paths):
+        if not p.is_dir():
+            raise LvatError(f"not a folder: {p}")
+        if _is_run(p):
+            found[p] = None
+            continue
+        below = sorted(
+            {f.parent for f in p.rglob("results.json")}
+            | {f.parent for f in p.rglob("split.json") if _is_run(f.parent)}
+        )
+        if not below:
+            raise LvatError(f"{p}: no run folders (results.json or config.toml) in or beneath it")
+        found.update(dict.fromkeys(below))
+    return list(found)
+
+
+def _is_run(p: Path) -> bool:
+    # train() writes split.json and config.toml before the first step, results.json at the end.
+    return (p / "results.json").is_file() or (
+        (p / "config.toml").is_file() and (p / "split.json").is_file()
+    )
+
+
+_KINDS: dict[str, str] = {}
+
+
+def transformer_kind(path: str, run_dir: Path) -> str:
+    """'vae' or 'glow' from a transformer checkpoint's `kind`; '' if it cannot be read."""
+    for candidate in (Path(path), run_dir / path):
+        key = str(candidate.resolve())
+        if key in _KINDS:
+            return _KINDS[key]
+        if candidate.is_file():
+            kind = ""
+            for mmap in (True, False):  # mmap reads only the small `kind`; old formats need False
+                try:
+                    ckpt = torch.load(candidate, map_location="cpu", weights_only=True, mmap=mmap)
+                except Exception:  # unreadable: the row falls back to plain "LVAT"
+                    continue
+                kind = str(ckpt.get("kind", "")) if isinstance(ckpt, dict) else ""
+                break
+            _KINDS[key] = kind
+            return kind
+    return ""
+
+
+def read_run(path: Path) -> RunInfo:
+    """A run folder -> RunInfo (config from config.toml, error from results.json if present)."""
+    try:
+        config = tomllib.loads((path / "config.toml").read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError):
+        config = {}
+    results = _read_json(path / "results.json")
+    split = _read_json(path / "split.json")
+    data, method_cfg = config.get("data", {}), config.get("method", {})
+
+    method = str(results.get("method") or method_cfg.get("name", "?"))
+    if method == "lvat":
+        kind = results.get("transformer_kind") or method_cfg.get("transformer_kind")
+        kind = kind or transformer_kind(method_cfg.get("transformer", ""), path)
+        method = f"lvat-{kind}" if kind in ("vae", "glow") else "lvat"
+    name = str(results.get("dataset") or split.get("dataset") or data.get("name", "?"))
+    dataset = name.lower() if name.lower() in DATASET_LABELS else Path(name).stem
+
+    num_labeled = int(
+        results.get("num_labeled", split.get("num_labeled", data.get("num_labeled", -1)))
+    )
+    every = split.get("num_train", 0) - split.get("num_validation", 0)
+    sl = data.get("num_labeled") == -1 or (num_labeled > 0 and num_labeled == every)
+    cell = Cell(method, dataset, bool(data.get("augment", False)), "SL" if sl else "SSL")
+    eps = None if method == "sup" else method_cfg.get("eps")
+    error = results.get("test_error")
+    info = RunInfo(
+        path=path,
+        cell=cell,
+        num_labeled=num_labeled,
+        eps=None if eps is None else float(eps),
+        entropy=method != "sup" and float(method_cfg.get("entropy_weight", 0.0)) > 0,
+        config=config,
+        test_error=None if error is None else float(error),
+    )
+    if info.test_error is None:
+        info.progress = _progress(path, config)
+    return info
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return d if isinstance(d, dict) else {}
+
+
+def _progress(path: Path, config: dict) -> str:
+    steps = config.get("train", {}).get("steps", "?")
+    try:
+        last = (path / "metrics.jsonl").read_text(encoding="utf-8").strip().splitlines()[-1]
+        return f"step {json.loads(last)['step']}/{steps}"
+    except (OSError, IndexError, ValueError, KeyError):
+        return f"step 0/{steps}"
+
+
+@dataclass
+class CellSummary:
+    """Test error over the runs of one cell."""
+
+    row: str
+    runs: list[RunInfo]
+
+    @property
+    def first(self) -> RunInfo:
+        return self.runs[0]
+
+    @property
+    def errors(self) -> list[float]:
+        return [r.test_error for r in self.runs if r.test_error is not None]
+
+    @property
+    def n(self) -> int:
+        return len(self.errors)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.errors)
+
+    @property
+    def std(self) -> float | None:
+        return statistics.stdev(self.errors) if self.n > 1 else None  # sample std, ddof=1
+
+    @property
+    def paper(self) -> float | None:
+        return paper_error(self.first.cell, self.first.num_labeled)
+
+    @property
+    def differ_in(self) -> list[str]:
+        keys = []
+        for section, key in _SAME_WITHIN_CELL:
+            values = {str(r.config.get(section, {}).get(key)) for r in self.runs}
+            if len(values) > 1:
+                keys.append(f"{section}.{key}")
+        return keys
+
+    def text(self, with_paper: bool = True) -> str:
+        s = f"{self.mean:.2f}" + ("" if self.std is None else f" ± {self.std:.2f}")
+        s += f" (n={self.n})"
+        if with_paper and self.paper is not None:
+            s += f" [paper {self.paper:g}]"
+        return s
+
+
+@dataclass
+class Report:
+    cells: list[CellSummary]  # finished runs, grouped
+    missing: list[tuple[Cell, float]]  # the paper's cells with no finished run, and its value
+    unfinished: list[RunInfo]
+
+    def columns(self) -> list[tuple[str, bool, str, int]]:
+        cols = {c.first.column for c in self.cells}
+        return sorted(cols, key=_column_order)
+
+    def rows(self) -> list[str]:
+        return list(dict.fromkeys(c.row for c in self.cells))
+
+
+def _column_order(col: tuple[str, bool, str, int]) -> tuple:
+    dataset, aug, setting, n = col
+    rank = PAPER_DATASETS.index(dataset) if dataset in PAPER_DATASETS else len(PAPER_DATASETS)
+    return (rank, dataset, aug, setting != "SSL", n)
+
+
+def column_label(col: tuple[str, bool, str, int]) -> str:
+    """'SVHN aug SSL', or 'C10 SSL (250 labels)' when not the paper's label count."""
+    dataset, aug, setting, n = col
+    label = f"{DATASET_LABELS.get(dataset, dataset)}{' aug' if aug else ''} {setting}"
+    if setting == "SSL" and PAPER_LABELS.get(dataset) != n:
+        label += f" ({n} labels)"
+    return label
+
+
+def summarize(runs: list[RunInfo]) -> Report:
+    """Group finished runs into cells and find the paper's cells that have none."""
+    finished = [r for r in runs if r.test_error is not None]
+    # An eps suffix only where one method/setting row was run at more than one eps.
+    eps_seen: dict[str, set] = defaultdict(set)
+    for r in finished:
+        eps_seen[r.row].add(r.eps)
+    groups: dict[tuple, list[RunInfo]] = defaultdict(list)
+    for r in finished:
+        row = r.row + (f" eps={r.eps:g}" if len(eps_seen[r.row]) > 1 else "")
+        groups[(row, r.column)].append(r)
+
+    def order(key: tuple) -> tuple:
+        r = groups[key][0]
+        m = _METHOD_ORDER.index(r.cell.method) if r.cell.method in _METHOD_ORDER else 99
+        return (m, r.entropy, r.eps or 0.0, _column_order(key[1]))
+
+    cells = [
+        CellSummary(k[0], sorted(groups[k], key=lambda r: str(r.path)))
+        for k in sorted(groups, key=order)
+    ]
+    missing = [
+        (c, v) for c, v in _paper_cells_of(runs) if _key(c) not in {_key(r) for r in finished}
+    ]
+    unfinished = sorted((r for r in runs if r.test_error is None), key=lambda r: str(r.path))
+    return Report(cells, missing, unfinished)
+
+
+def _key(x: RunInfo | Cell) -> tuple[Cell, int | None]:
+    """A cell with its label count (None for SL): SSL runs only fill a cell of their own count."""
+    if isinstance(x, Cell):
+        return x, PAPER_LABELS[x.dataset] if x.setting == "SSL" else None
+    return x.cell, x.num_labeled if x.cell.setting == "SSL" else None
+
+
+def _paper_cells_of(runs: list[RunInfo]) -> list[tuple[Cell, float]]:
+    """The paper's cells (and values) for the datasets the runs use."""
+    return [(c, TABLE3[c]) for c in paper_cells({r.cell.dataset for r in runs})]
+
+
+def to_markdown(report: Report) -> str:
+    """Table 3 layout, then one line per missing cell and per unfinished run."""
+    cols = report.columns()
+    lines = [
+        "# Test error (%): mean ± sample std over runs (n); [paper] = Table 3 of Osada et al.",
+        "",
+        "| method | " + " | ".join(column_label(c) for c in cols) + " |",
+        "|---" * (len(cols) + 1) + "|",
+    ]
+    for row in report.rows():
+        by_col = {c.first.column: c for c in report.cells if c.row == row}
+        texts = [by_col[c].text() if c in by_col else "—" for c in cols]
+        lines.append(f"| {row} | " + " | ".join(texts) + " |")
+    flagged = [c for c in report.cells if c.differ_in]
+    if flagged:
+        lines += ["", "Runs averaged in one cell that differ in other settings:"]
+        lines += [
+            f"- {c.row}, {column_label(c.first.column)}: {', '.join(c.differ_in)}" for c in flagged
+        ]
+    lines += ["", "## Missing cells (in the paper's Table 3, no finished run)", ""]
+    running = Counter(_key(r) for r in report.unfinished)
+    for c, value in report.missing:
+        label = column_label((c.dataset, c.aug, c.setting, PAPER_LABELS[c.dataset]))
+        note = f"; {running[_key(c)]} running" if running[_key(c)] else ""
+        lines.append(f"- {METHOD_LABELS[c.method]}, {label} [paper {value:g}]{note}")
+    if not report.missing:
+        lines.append("- none")
+    lines += ["", "## Running/unfinished (not averaged)", ""]
+    lines += [
+        f"- {r.path}: {r.row}, {column_label(r.column)}, {r.progress}" for r in report.unfinished
+    ] or ["- none"]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(report: Report) -> str:
+    """One row per cell: method, dataset, aug, setting, mean, std, n, paper (+ details)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CSV_FIELDS + CSV_EXTRA)
+    for c in report.cells:
+        r = c.first
+        w.writerow(
+            [
+                c.row,
+                r.cell.dataset,
+                str(r.cell.aug).lower(),
+                r.cell.setting,
+                f"{c.mean:.6g}",
+                "" if c.std is None else f"{c.std:.6g}",
+                c.n,
+                "" if c.paper is None else f"{c.paper:g}",
+                r.num_labeled,
+                "" if r.eps is None else f"{r.eps:g}",
+                ";".join(c.differ_in),
+                ";".join(str(x.path) for x in c.runs),
+            ]
+        )
+    return buf.getvalue()
+
+
+def write_report(paths: list[str | Path], prefix: str | Path = "report") -> tuple[Report, str]:
+    """Read every run under `paths`, write PREFIX.md and PREFIX.csv; return report and Markdown."""
+    runs = [read_run(p) for p in find_runs(paths)]
+    report = summarize(runs)
+    markdown = to_markdown(report)
+    prefix = Path(prefix)
+    atomic_write_text(prefix.with_name(prefix.name + ".md"), markdown)
+    atomic_write_text(prefix.with_name(prefix.name + ".csv"), to_csv(report))
+    return report, markdown

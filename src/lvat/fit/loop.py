@@ -1,0 +1,269 @@
+"""`lvat fit vae|glow`: train the generative transformer that LVAT perturbs (SPEC section 2).
+
+The transformer is trained once per dataset (and augmentation setting) on ALL training images,
+labels ignored, then frozen and reused by every LVAT classifier run (paper section 5.2). Test
+images are only evaluated, never trained on or augmented.
+
+Per step: one batch, the model's loss (VAE: BCE + 0.1 KL; Glow: NLL in bits/dim), Adam, the
+schedule of `lr_at`. Metrics are summed on the device and read back once per log window, so a
+step has no host synchronisation. Glow's ActNorms are initialised from data once, explicitly,
+before the first step (their values then live in the state dict, so resume does not redo it).
+The checkpoint is a transformer checkpoint: `lvat.load_transformer(run/checkpoint.pt)` works on
+it directly; the extra entries (optimizer, RNG, stream, config) make `--resume` exact. A run
+folder holds:
+
+    config.toml  metrics.jsonl  eval.jsonl  checkpoint.pt  results.json
+    test.png  reconstruction.png  samples.png
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from lvat.config import from_dict, load_config, parse_overrides, save_config, to_dict
+from lvat.config.core import _merge
+from lvat.data import load_from_config
+from lvat.data.prepare import resolve_flip
+from lvat.environment import environment
+from lvat.errors import ConfigError, LvatError
+from lvat.fit.evaluate import evaluate_transformer, probe, write_grids
+from lvat.fit.setup import (
+    KINDS,
+    FitConfig,
+    ImageStream,
+    check_image_size,
+    check_schedule,
+    default_out,
+    init_batch,
+    kind_of,
+    lr_at,
+)
+from lvat.io import atomic_write_text
+from lvat.models.transformers import save_transformer
+from lvat.train import checkpoint
+from lvat.train.loop import NonFiniteLoss
+from lvat.train.monitor import MetricsLog, Progress
+from lvat.train.setup import resolve_device
+
+
+def fit_config(
+    kind: str,
+    path: str | None = None,
+    overrides: Sequence[str] = (),
+    *,
+    dataset: str | None = None,
+    resume: str | None = None,
+) -> FitConfig:
+    """The config of `lvat fit KIND`: file, then flags (`dataset` = `--data.name`); or, with
+    `resume`, the config saved in that run's checkpoint with the flags on top."""
+    cls = KINDS[kind].config
+    overrides = list(overrides)
+    if dataset is not None:
+        if any(a == "--data.name" or a.startswith("--data.name=") for a in overrides):
+            raise ConfigError("give the dataset once: --dataset or --data.name")
+        overrides += ["--data.name", dataset]
+    if not resume:
+        return resolve_out(load_config(cls, path, overrides))
+    if path:
+        raise LvatError("--resume RUN_DIR takes its config from the run; drop --config")
+    state = checkpoint.load(Path(resume) / checkpoint.CHECKPOINT)
+    if "config" not in state or state.get("kind") not in KINDS:
+        raise LvatError(f"{resume} is not an `lvat fit` run (no fit config in its checkpoint)")
+    if state["kind"] != kind:
+        found = state["kind"]
+        raise LvatError(f"{resume} holds a {found} run; resume it with lvat fit {found}")
+    cfg = from_dict(cls, _merge(state["config"], parse_overrides(overrides, cls)))
+    return dataclasses.replace(cfg, out=str(resume))
+
+
+def resolve_out(cfg: FitConfig) -> FitConfig:
+    """`cfg` with its run folder filled in (empty `out` -> runs/fit/DATASET-KIND)."""
+    if cfg.out:
+        return cfg
+    return dataclasses.replace(cfg, out=default_out(kind_of(cfg).name, cfg.data.name))
+
+
+def fit(cfg: FitConfig, *, resume: bool = False, stop_at: int | None = None) -> dict:
+    """Train (or resume) the VAE or Glow described by `cfg` in `cfg.out`; return its results.
+
+    Args:
+        cfg: a resolved `VAEFitConfig` or `GlowFitConfig`.
+        resume: continue from `cfg.out/checkpoint.pt` exactly where it stopped.
+        stop_at: stop after this many total steps (checkpointing there) without finishing;
+            for time-boxed jobs and tests. The schedule still runs to `cfg.train.steps`.
+
+    Returns:
+        results.json's content, or ``{"step": k, "finished": False}`` when stopped early.
+    """
+    kind = kind_of(cfg)
+    cfg = resolve_out(cfg)
+    tc = cfg.train
+    check_schedule(tc)
+    run = Path(cfg.out)
+    ckpt_path = run / checkpoint.CHECKPOINT
+    if ckpt_path.exists() and not resume:
+        raise LvatError(
+            f"{run} already holds a run; add --resume {run} to continue it or pick another --out"
+        )
+    if resume and not ckpt_path.exists():
+        raise LvatError(f"nothing to resume: {ckpt_path} does not exist")
+    device = resolve_device(cfg.device)
+    dataset = load_from_config(cfg.data)
+    check_image_size(kind, cfg, dataset)
+    run.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run / "config.toml")
+
+    torch.manual_seed(cfg.seed)
+    model = kind.build(cfg, dataset.image_shape).to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2))
+    stream = ImageStream(
+        dataset.x_train,
+        tc.batch_size,
+        device=device,
+        seed=cfg.seed,
+        augment=cfg.data.augment,
+        translate=cfg.data.translate,
+        flip=resolve_flip(cfg.data, dataset),
+    )
+    metrics = MetricsLog(run / "metrics.jsonl", tc.tensorboard)
+    evals = MetricsLog(run / "eval.jsonl")
+    start, elapsed = 0, 0.0
+    if resume:
+        state = checkpoint.load(ckpt_path)
+        if state.get("kind") != kind.name:
+            raise LvatError(f"{ckpt_path} holds a {state.get('kind')} run, not {kind.name}")
+        model.load_state_dict(state["state_dict"])  # Glow: includes the initialised ActNorms
+        optimizer.load_state_dict(state["optimizer"])
+        stream.load_state_dict(state["batches"])
+        checkpoint.set_rng_state(state["rng"])
+        start, elapsed = int(state["step"]), float(state["elapsed"])
+    elif kind.name == "glow":
+        # Data-dependent ActNorm init (Glow section 3.1), once, on plain training images.
+        model.initialize(init_batch(dataset.x_train, tc.init_images, cfg.seed).to(device))
+    metrics.truncate_after(start)  # drop rows written after the checkpoint (or a dead run's)
+    evals.truncate_after(start)
+    end = min(tc.steps, stop_at) if stop_at is not None else tc.steps
+
+    def save(step: int) -> None:
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            raise NonFiniteLoss(f"non-finite weights at step {step}; {ckpt_path} was not touched")
+        save_transformer(
+            model,
+            ckpt_path,
+            step=step,
+            elapsed=elapsed + time.perf_counter() - t0,
+            config=to_dict(cfg),
+            optimizer=optimizer.state_dict(),
+            batches=stream.state_dict(),
+            rng=checkpoint.rng_state(),
+        )
+
+    def run_eval(step: int) -> dict:
+        n = tc.final_eval_images if step == tc.steps else tc.eval_images
+        x_test = dataset.x_test[: n or len(dataset.x_test)]
+        bs = tc.eval_batch_size
+        test = evaluate_transformer(
+            kind, model, x_test, cfg, batch_size=bs, device=device, seed=cfg.seed
+        )
+        row = {"step": step, **test}
+        write_grids(kind, model, dataset.x_test, cfg, run, device, cfg.seed)
+        evals.write({**row, "time_s": elapsed + time.perf_counter() - t0})
+        return row
+
+    progress = Progress(end, start, tc.progress)
+    final: dict = {}
+    sums = torch.zeros(len(kind.terms), device=device)
+    window = 0
+    t0 = time.perf_counter()
+    t_log = t0
+    for step in range(start, end):
+        lr = lr_at(step, tc)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x = stream.next()
+        terms = kind.loss(model, x, cfg)
+        optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        optimizer.step()
+        sums += torch.stack([terms[k].detach() for k in kind.terms]).float()
+        window += 1
+        done = step + 1
+        last = done == end
+        logged = done % tc.log_every == 0 or last or done % tc.checkpoint_every == 0
+        if logged:
+            means = (sums / window).tolist()  # the host sync, once per window
+            if not all(math.isfinite(v) for v in means):
+                raise NonFiniteLoss(
+                    f"non-finite loss between steps {done - window + 1} and {done}; training "
+                    f"stopped and the last good checkpoint in {ckpt_path} is intact. Lower "
+                    f"train.lr, then continue with --resume"
+                )
+            now = time.perf_counter()
+            row = {
+                "step": done,
+                **dict(zip(kind.terms, means, strict=True)),
+                **probe(kind, model, x, device, cfg.seed + done),
+                "lr": lr,
+                "steps_per_s": window / (now - t_log),
+                "time_s": elapsed + now - t0,
+            }
+            metrics.write(row)
+            progress.update(done, loss=row["loss"])
+            sums.zero_()
+            window = 0
+        if done % tc.eval_every == 0 or last:
+            final = run_eval(done)
+        if done % tc.checkpoint_every == 0 or last:
+            save(done)
+        if logged:
+            t_log = time.perf_counter()  # steps/s measures training only, not probes or evals
+    progress.close()
+    metrics.close()
+    if end < tc.steps:
+        return {"step": end, "finished": False}
+    if not final:  # resumed a run that had already finished
+        final = run_eval(tc.steps)
+    results = {
+        "kind": kind.name,
+        "dataset": dataset.name,
+        "image_shape": list(dataset.image_shape),
+        "model": model.hparams,
+        **{k: v for k, v in final.items() if k != "step"},
+        "steps": tc.steps,
+        "batch_size": tc.batch_size,
+        "augment": cfg.data.augment,
+        "seed": cfg.seed,
+        "wall_time_s": round(elapsed + time.perf_counter() - t0, 2),
+        "checkpoint": str(ckpt_path),
+        **environment(device),
+    }
+    atomic_write_text(run / "results.json", json.dumps(results, indent=1) + "\n")
+    return results
+
+
+def summary(results: dict) -> str:
+    """The one line `lvat fit` prints at the end."""
+    r = results
+    bad = f"non-finite decodes at eps=1: {r['test_nonfinite_decode_rate']:.1%}"
+    if r["kind"] == "glow":
+        n_bits = r["model"]["n_bits"]
+        what = (
+            f"test {r['test_bpd']:.3f} bits/dim (with dequantisation, {n_bits}-bit), "
+            f"NLL {r['test_nll']:.1f} nats/image, recon MSE {r['test_recon_mse']:.2e}"
+        )
+    else:
+        what = (
+            f"test BCE {r['test_bce']:.2f} + KL {r['test_kl']:.2f} nats/image "
+            f"(-ELBO {r['test_neg_elbo']:.2f}), recon MSE {r['test_recon_mse']:.4f}"
+        )
+    return (
+        f"{r['kind']} on {r['dataset']}: {what}, {bad}; {r['steps']} steps in "
+        f"{r['wall_time_s']:.0f} s; checkpoint {r['checkpoint']}"
+    )

@@ -1,0 +1,216 @@
+"""The fast path keeps the method's maths: bf16 autocast, channels-last, latent cache, compile."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lvat.config import Config, TrainConfig, load_config
+from lvat.data import Batch
+from lvat.errors import ConfigError
+from lvat.models import VAE, build_classifier, save_transformer
+from lvat.regularizers import LVAT, VAT
+from lvat.regularizers.common import full_precision, no_tf32_convs
+from lvat.train import fast, train
+from lvat.train.step import STATS, train_step
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one thread avoids OpenMP spin-waits that stall small ops ~100x on a busy box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _images(n: int = 12, c: int = 1, size: int = 16, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, 256, (n, c, size, size), generator=g).float() / 255  # no exact 0s
+
+
+def _classifier(c: int = 1, dropout: float = 0.0) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_classifier("conv-small", in_channels=c, num_classes=10, dropout=dropout).train()
+
+
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory) -> Path:
+    rng = np.random.default_rng(0)
+    y = np.arange(250) % 10
+    x = rng.integers(0, 60, (250, 16, 16)).astype(np.uint8)
+    for i, c in enumerate(y):
+        x[i, c : c + 4, 2:8] = 255
+    path = tmp_path_factory.mktemp("data") / "toy.npz"
+    np.savez(path, x_train=x[:200], y_train=y[:200], x_test=x[200:], y_test=y[200:])
+    return path
+
+
+@pytest.fixture(scope="module")
+def vae_path(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    vae = VAE(in_channels=1, image_size=16, latent_dim=8)
+    return save_transformer(vae, tmp_path_factory.mktemp("t") / "vae.pt")
+
+
+def _flags(data: Path, out: Path, **kw) -> list[str]:
+    base = {
+        "data.name": str(data),
+        "data.num_labeled": 20,
+        "model.name": "conv-small",
+        "train.steps": 4,
+        "train.batch_labeled": 8,
+        "train.batch_unlabeled": 16,
+        "train.decay_steps": 2,
+        "train.log_every": 1,
+        "train.eval_every": 4,
+        "train.checkpoint_every": 4,
+        "train.progress": "false",
+        "device": "cpu",
+        "out": str(out),
+    }
+    base.update(kw)
+    return [a for k, v in base.items() for a in (f"--{k}", str(v))]
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_auto_means_bf16_and_channels_last_on_cuda_only():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert fast.resolve(TrainConfig(), cpu) == fast.FastPath(None, False, False)
+    assert fast.resolve(TrainConfig(), cuda) == fast.FastPath(torch.bfloat16, True, False)
+    forced = TrainConfig(amp="bf16", channels_last="on", compile=True)
+    assert fast.resolve(forced, cpu) == fast.FastPath(torch.bfloat16, True, True)
+    assert fast.resolve(TrainConfig(amp="off", channels_last="off"), cuda).amp_dtype is None
+
+
+def test_under_bf16_autocast_the_vat_perturbation_is_the_float32_one_bit_for_bit():
+    # A bf16 probe x + xi*d rounds back to x; the regularizer runs the probe in float32, so r
+    # must not change at all under autocast (without the guard its direction is noise).
+    model, x = _classifier(), _images()
+    torch.manual_seed(1)
+    r32 = VAT(eps=2.5).perturbation(model, x)
+    torch.manual_seed(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        r16 = VAT(eps=2.5).perturbation(model, x)
+    assert r16.dtype == torch.float32
+    assert torch.equal(r16, r32)
+
+
+def test_the_amp_step_runs_classifier_passes_in_bf16_and_probe_passes_in_float32():
+    model, x = _classifier(), _images(12)
+    seen: list[tuple[bool, torch.dtype]] = []
+    conv = model.features[0]
+    conv.register_forward_hook(
+        lambda m, inp, out: seen.append((torch.is_autocast_enabled("cpu"), out.dtype))
+    )
+    batch = Batch(x[:4], torch.arange(4), x[4:])
+    opt = torch.optim.Adam(model.parameters())
+    stats = train_step(model, VAT(eps=2.5), opt, batch, 1.0, torch.bfloat16)
+    # labeled (bf16), clean target (f32), probe (f32), adversarial (bf16)
+    assert seen == [
+        (True, torch.bfloat16),
+        (False, torch.float32),
+        (False, torch.float32),
+        (True, torch.bfloat16),
+    ]
+    assert stats.dtype == torch.float32 and stats.shape == (len(STATS),)
+    assert torch.isfinite(stats).all() and stats[STATS.index("kl")] > 0
+
+
+def test_a_bf16_training_run_on_cpu_stays_finite(toy_data, tmp_path):
+    cfg = load_config(Config, None, _flags(toy_data, tmp_path / "amp", **{"train.amp": "bf16"}))
+    res = train(cfg)
+    assert res["amp"] == "bfloat16"
+    rows = _rows(tmp_path / "amp")
+    assert all(np.isfinite(r["loss"]) and r["kl"] > 0 for r in rows)
+    assert all(r["adv_l2"] == pytest.approx(2.5, rel=1e-3) for r in rows)
+
+
+def test_channels_last_gives_the_same_logits_and_gradients():
+    x = _images(8, c=3, size=32)
+    dense, nhwc = _classifier(3), _classifier(3)
+    fast.apply(nhwc, None, fast.FastPath(None, True, False))
+    assert nhwc.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(nhwc(x), dense(x), atol=1e-4, rtol=1e-4)  # train-mode BN
+    # Gradients, compared norm-wise: oneDNN's float32 weight-gradient kernels are themselves
+    # ~1e-3 (relative norm) from float64 here, in either layout; a layout bug would be O(1).
+    for m in (dense, nhwc):
+        m.eval()(x).square().sum().backward()  # eval: train-mode BN on 8 images is ill-posed
+    g_dense, g_nhwc = dense.features[0].weight.grad, nhwc.features[0].weight.grad
+    assert ((g_nhwc - g_dense).norm() / g_dense.norm()).item() < 1e-2
+
+
+def test_cached_latents_give_the_same_lvat_loss_as_encoding_every_step():
+    torch.manual_seed(0)
+    vae = VAE(in_channels=1, image_size=16, latent_dim=8)  # eval-mode encode: deterministic
+    reg, model = LVAT(vae, eps=1.5), _classifier()
+    pool = (torch.rand(30, 1, 16, 16) * 255).to(torch.uint8)
+    cache = fast.LatentCache.build(vae, pool, torch.device("cpu"), seed=0, batch_size=7)
+    assert len(cache) == 30 and cache.nbytes == 30 * 8 * 4
+    idx = torch.tensor([3, 17, 0, 29, 11, 5])
+    x = pool[idx].float() / 255
+    torch.manual_seed(2)
+    loss, stats = reg.loss_and_stats(model, x)
+    torch.manual_seed(2)
+    cached, cstats = reg.loss_and_stats(model, x, z=cache.lookup(idx))
+    torch.testing.assert_close(cached, loss, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(cstats["adv_l2"], stats["adv_l2"], atol=1e-5, rtol=1e-5)
+
+
+def test_a_cached_lvat_run_matches_an_uncached_one_and_augmentation_is_refused(
+    toy_data, vae_path, tmp_path, capsys
+):
+    lvat = {"method.name": "lvat", "method.transformer": str(vae_path), "method.eps": 1.0}
+    plain = load_config(Config, None, _flags(toy_data, tmp_path / "plain", **lvat))
+    cached = load_config(
+        Config, None, _flags(toy_data, tmp_path / "cached", **lvat, **{"train.cache_latents": 1})
+    )
+    train(plain)
+    res = train(cached)
+    assert "cache_latents: 200 latents" in capsys.readouterr().err
+    assert res["latent_cache_mib"] >= 0
+    for a, b in zip(_rows(tmp_path / "plain"), _rows(tmp_path / "cached"), strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+        assert b["kl"] == pytest.approx(a["kl"], abs=1e-5)
+
+    aug = _flags(toy_data, tmp_path / "aug", **lvat, **{"train.cache_latents": 1})
+    with pytest.raises(ConfigError, match="cache_latents needs data.augment = false"):
+        train(load_config(Config, None, [*aug, "--data.augment", "true"]))
+    vat = _flags(toy_data, tmp_path / "vat", **{"train.cache_latents": 1})
+    with pytest.raises(ConfigError, match="only LVAT encodes"):
+        train(load_config(Config, None, vat))
+
+
+def test_full_precision_turns_off_autocast_and_tf32_and_restores_them():
+    matmul = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with full_precision("cpu"):
+                assert not torch.is_autocast_enabled("cpu")
+                assert torch.get_float32_matmul_precision() == "highest"
+            assert torch.is_autocast_enabled("cpu")
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(matmul)
+    before = torch.backends.cudnn.allow_tf32
+    with no_tf32_convs():  # the CUDA branch of full_precision; the flag exists on CPU builds
+        assert torch.backends.cudnn.allow_tf32 is False
+    assert torch.backends.cudnn.allow_tf32 == before
+
+
+def test_compile_wraps_the_classifier_and_decode_in_place():
+    model = _classifier()
+    keys = set(model.state_dict())
+    vae = VAE(in_channels=1, image_size=16, latent_dim=8)
+    fast.apply(model, LVAT(vae, eps=1.0), fast.FastPath(None, False, True))
+    assert model._compiled_call_impl is not None  # compiled on first call, not here
+    assert set(model.state_dict()) == keys  # checkpoints keep their keys
+    assert "decode" in vars(vae)  # the instance attribute shadows VAE.decode

@@ -1,0 +1,202 @@
+"""`lvat figures`: Figs. 2-4, curves and Dec(Enc(x)) accuracy of tiny finished VAT/LVAT runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import lvat.analysis.figures as figures
+from lvat.cli import main
+from lvat.config import Config, load_config
+from lvat.models import VAE, Glow, save_transformer
+from lvat.train import train
+
+SAMPLES = 37  # not a multiple of the batch size (16): the last batch must count too
+TEST_SIZE = 50
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine, OpenMP threads spin-wait for each other
+    and tiny models run 10-20x slower with two (measured: 6 s vs 130 s for both files)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory) -> Path:
+    """200 + 50 16x16 grey images of 10 classes: a class-dependent blob plus noise."""
+    rng = np.random.default_rng(0)
+    y = np.arange(250) % 10
+    x = rng.integers(0, 60, (250, 16, 16)).astype(np.uint8)
+    for i, c in enumerate(y):
+        x[i, c : c + 4, 2:8] = 255
+    path = tmp_path_factory.mktemp("data") / "toy.npz"
+    np.savez(path, x_train=x[:200], y_train=y[:200], x_test=x[200:], y_test=y[200:])
+    return path
+
+
+@pytest.fixture(scope="module")
+def transformers(tmp_path_factory) -> dict[str, Path]:
+    """Untrained tiny VAE and Glow checkpoints for 1x16x16 images."""
+    folder = tmp_path_factory.mktemp("transformers")
+    torch.manual_seed(0)
+    glow = Glow(in_channels=1, image_size=16, n_levels=2, n_steps=1, width=8)
+    glow.initialize(torch.rand(16, 1, 16, 16))
+    return {
+        "vae": save_transformer(VAE(in_channels=1, image_size=16, latent_dim=8), folder / "v.pt"),
+        "glow": save_transformer(glow, folder / "g.pt"),
+    }
+
+
+@pytest.fixture(scope="module")
+def runs(toy_data, transformers, tmp_path_factory) -> dict[str, Path]:
+    """Finished 6-step runs: LVAT-VAE, LVAT-Glow, VAT (eps 3.0) and sup."""
+    root = tmp_path_factory.mktemp("runs")
+    methods = {
+        "lvat-vae": {"method.name": "lvat", "method.transformer": transformers["vae"]},
+        "lvat-glow": {"method.name": "lvat", "method.transformer": transformers["glow"]},
+        "vat": {"method.name": "vat", "method.eps": 3.0},
+        "sup": {"method.name": "sup"},
+    }
+    for name, kw in methods.items():
+        flags = {
+            "data.name": toy_data,
+            "data.num_labeled": 20,
+            "model.name": "conv-small",
+            "train.steps": 6,
+            "train.batch_labeled": 8,
+            "train.batch_unlabeled": 16,
+            "train.decay_steps": 3,
+            "train.log_every": 2,
+            "train.eval_every": 3,
+            "train.progress": "false",
+            "method.eps": 1.0,
+            "device": "cpu",
+            "out": root / name,
+            **kw,
+        }
+        train(load_config(Config, None, [a for k, v in flags.items() for a in (f"--{k}", str(v))]))
+    return {name: root / name for name in methods}
+
+
+def _check_png(path: Path) -> tuple[int, int]:
+    assert path.is_file() and path.stat().st_size > 0, path
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        im.verify()  # a truncated or corrupt file raises here
+    with Image.open(path) as im:
+        im.load()
+        return im.size
+
+
+def _check_histogram(h: dict, n: int) -> None:
+    assert h["count"] == n
+    assert sum(h["counts"]) == n  # every sample is in a bin, none twice
+    assert len(h["edges"]) == len(h["counts"]) + 1
+    assert h["min"] <= h["mean"] <= h["max"] and h["std"] >= 0
+
+
+@pytest.mark.parametrize("method", ["lvat-vae", "lvat-glow"])
+def test_lvat_figures_are_written_with_the_requested_sample_count(method, runs, capsys):
+    run = runs[method]
+    assert main(["figures", str(run), "--samples", str(SAMPLES)]) == 0
+    printed = capsys.readouterr().out
+    out = run / "figures"
+    info = json.loads((out / "figures.json").read_text())
+    assert set(info["files"]) == {"fig2", "fig3", "fig4", "curves"}
+    for path in info["files"].values():
+        _check_png(Path(path))
+        assert path in printed
+    assert info["method"] == method and info["count"] == SAMPLES
+    _check_histogram(info["histograms"]["adv_l2"], SAMPLES)
+    _check_histogram(info["histograms"]["recon_l2"], SAMPLES)
+    acc = info["accuracy"]
+    assert {"x", "recon", "adv"} <= set(acc) and acc["count"] == SAMPLES
+    for key in ("x", "recon", "adv"):
+        assert 0 <= acc[key] <= 100
+        assert acc[key] * SAMPLES / 100 == pytest.approx(round(acc[key] * SAMPLES / 100))
+    assert f"Dec(Enc(x)) {acc['recon']:.2f}%" in printed
+    assert info["eps_vat"] == {"value": 2.5, "source": "default (SPEC: SVHN)"}
+    w, h = _check_png(out / "fig3_examples.png")
+    assert h > 3 * 64 and w > 10 * 64  # 3 rows (original / Dec(Enc(x)) / adversarial) of 10
+
+
+def test_vat_figures_mark_the_runs_eps_and_its_perturbations_have_norm_eps(runs, capsys):
+    run = runs["vat"]
+    assert main(["figures", str(run), "--samples", "5000", "--eps-vat", "7"]) == 0
+    info = json.loads((run / "figures" / "figures.json").read_text())
+    assert set(info["files"]) == {"fig2", "fig3", "curves"}  # no transformer: no Fig. 4
+    for path in info["files"].values():
+        _check_png(Path(path))
+    assert info["count"] == TEST_SIZE and info["samples"] == 5000  # capped at the test set
+    adv = info["histograms"]["adv_l2"]
+    _check_histogram(adv, TEST_SIZE)
+    assert adv["min"] == pytest.approx(3.0, rel=1e-4) and adv["max"] == pytest.approx(3.0, rel=1e-4)
+    assert info["eps_vat"] == {"value": 3.0, "source": "run config"}  # the run's eps wins
+    assert "recon" not in info["accuracy"] and "x" in info["accuracy"]
+    w, h = _check_png(run / "figures" / "fig3_examples.png")
+    assert 2 * 64 < h < 3 * 64  # two rows: original / x + r_vat
+
+
+def test_a_vat_run_with_a_transformer_gets_reconstruction_accuracy(runs, transformers, capsys):
+    args = ["figures", str(runs["vat"]), "--samples", "20", "--transformer"]
+    assert main([*args, str(transformers["glow"]), "--seed", "3"]) == 0
+    info = json.loads((runs["vat"] / "figures" / "figures.json").read_text())
+    assert "fig4" in info["files"] and 0 <= info["accuracy"]["recon"] <= 100
+    _check_histogram(info["histograms"]["recon_l2"], 20)
+
+
+def test_same_seed_same_numbers_other_seed_other_images(runs):
+    a = figures.make_figures(runs["lvat-glow"], samples=30, seed=1, eps_vat=3.5)
+    b = figures.make_figures(runs["lvat-glow"], samples=30, seed=1, eps_vat=3.5)
+    c = figures.make_figures(runs["lvat-glow"], samples=30, seed=2)
+    assert a["histograms"] == b["histograms"] and a["accuracy"] == b["accuracy"]
+    assert a["histograms"]["recon_l2"] != c["histograms"]["recon_l2"]
+    assert a["eps_vat"] == {"value": 3.5, "source": "--eps-vat"}
+
+
+def test_perturbations_in_train_mode_accuracy_in_eval_mode(runs, monkeypatch):
+    calls: list[tuple[bool, bool]] = []  # (inside the perturbation, model.training) per forward
+    inside = [False]
+    real_load, real_reg = figures.load_run, figures.build_regularizer
+
+    def load_run(*args, **kwargs):
+        run = real_load(*args, **kwargs)
+        run.model.register_forward_pre_hook(lambda m, _: calls.append((inside[0], m.training)))
+        return run
+
+    def build_regularizer(cfg, device):
+        reg = real_reg(cfg, device)
+        inner = reg.adversarial_examples
+
+        def adversarial_examples(model, x):
+            inside[0] = True
+            try:
+                return inner(model, x)
+            finally:
+                inside[0] = False
+
+        reg.adversarial_examples = adversarial_examples
+        return reg
+
+    monkeypatch.setattr(figures, "load_run", load_run)
+    monkeypatch.setattr(figures, "build_regularizer", build_regularizer)
+    figures.make_figures(runs["lvat-vae"], samples=40, batch_size=16)
+    perturb = [training for inner, training in calls if inner]
+    classify = [training for inner, training in calls if not inner]
+    assert perturb and all(perturb)  # BN batch statistics and dropout, as in training
+    assert len(classify) == 3 * 3 and not any(classify)  # x, Dec(Enc(x)), x_adv per batch of ~16
+
+
+def test_a_sup_run_or_too_few_samples_is_refused(runs, capsys):
+    assert main(["figures", str(runs["sup"])]) == 2
+    assert "figures need a VAT or LVAT run" in capsys.readouterr().err
+    assert main(["figures", str(runs["vat"]), "--samples", "1"]) == 2
