@@ -25,12 +25,10 @@ fashion-mnist: $(STAMP)
 	  else $(BIN)/lvat data download fashion-mnist; fi; \
 	fi
 
-# Until `lvat demo` lands: check the data, then a short semi-supervised VAT run (100 labels).
+# The demo: Fashion-MNIST, 100 labels, on the CPU: a VAE, then sup / vat / lvat-vae compared.
 demo: fashion-mnist
 	$(BIN)/lvat data check fashion-mnist
-	rm -rf runs/demo/vat
-	$(BIN)/lvat train --config configs/fashion-mnist/vat.toml --out runs/demo/vat \
-	  --train.steps 200 --train.decay_steps 50 --train.eval_every 200
+	$(BIN)/lvat demo --out runs/demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -18,8 +18,8 @@ from lvat.config import Config, load_config
 # The budget (2 CPU cores, <= 10 minutes in all). Units: updates and images.
 LABELS = 100  # 10 per class
 VALIDATION = 1000  # held out, never trained on; reported beside test
-VAE_STEPS, VAE_BATCH = 300, 64
-CLASSIFIER_STEPS, DECAY_STEPS = 400, 100
+VAE_STEPS, VAE_BATCH = 250, 64
+CLASSIFIER_STEPS, DECAY_STEPS = 300, 100
 BATCH_LABELED, BATCH_UNLABELED = 32, 64
 EPS = {"vat": 2.0, "lvat": 1.0}  # VAT: input-space L2 (VAT used 2.0 on MNIST); LVAT: latent L2
 FIGURE_SAMPLES = 1000
@@ -62,10 +62,11 @@ def demo(out: str | Path = "runs/demo") -> list[dict]:
     transformer = vae_dir / "checkpoint.pt"
     print(f"[1/5] VAE: {VAE_STEPS} updates at batch {VAE_BATCH} -> {vae_dir}", flush=True)
     if not _done(vae_dir):
-        cfg = fit_config("vae", None, [*DATA_FLAGS, "--train.steps", str(VAE_STEPS),
-                                       "--train.batch_size", str(VAE_BATCH), "--train.decay_rate",
-                                       "1.0", "--train.eval_every", str(VAE_STEPS),
-                                       "--device", "cpu", "--out", str(vae_dir)])  # fmt: skip
+        cfg = fit_config("vae", None, [
+            *DATA_FLAGS, "--train.steps", str(VAE_STEPS), "--train.batch_size", str(VAE_BATCH),
+            "--train.eval_every", str(VAE_STEPS), "--train.final_eval_images", "1000",
+            "--device", "cpu", "--out", str(vae_dir),
+        ])  # fmt: skip
         print("      " + summary(fit(cfg, resume=(vae_dir / "checkpoint.pt").is_file())))
     rows = []
     for i, method in enumerate(("sup", "vat", "lvat"), start=2):
