@@ -297,3 +297,25 @@ def test_kinds_registry_matches_the_transformer_registry():
     assert set(KINDS) == set(lvat.models.TRANSFORMERS)
     with pytest.raises(LvatError, match="nothing to resume"):
         fit(VAEFitConfig(out="/nonexistent/run"), resume=True)
+
+
+def test_batchnorm_recalibration_gives_the_exact_mean_and_keeps_momentum():
+    from lvat.fit.loop import recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 1), torch.nn.BatchNorm2d(3, momentum=0.01))
+    batches = [torch.randn(4, 1, 5, 5) * (i + 1) + i for i in range(3)]
+
+    class Stream:
+        i = 0
+
+        def next(self):
+            self.i += 1
+            return batches[self.i - 1]
+
+    recalibrate_batchnorm(model, Stream(), 3)
+    bn = model[1]
+    with torch.no_grad():
+        means = torch.stack([model[0](b).mean(dim=(0, 2, 3)) for b in batches])
+    torch.testing.assert_close(bn.running_mean, means.mean(0))
+    assert bn.momentum == 0.01 and model.training

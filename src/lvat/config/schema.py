@@ -193,6 +193,10 @@ class FitTrainConfig:
     final_eval_images: int = option(0, ge=0)
     """Test images used by the final evaluation, the numbers in results.json (0 = all: report
     those; fewer only for smoke tests)."""
+    bn_recalibration_batches: int = option(50, ge=0)
+    """At the end of training, recompute BatchNorm running statistics as an exact average over
+    this many training batches (the VAE's momentum-0.01 averages lag far behind a short run,
+    and LVAT uses the transformer in eval mode); 0 keeps the running averages. Glow has none."""
     eval_batch_size: int = option(500, ge=1)
     """Images per evaluation batch (memory and speed; the seeded noise draws - dequantisation,
     posterior samples - follow the batching, so results move at the noise level only)."""

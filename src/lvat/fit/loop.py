@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from lvat.config import from_dict, load_config, parse_overrides, save_config, to_dict
 from lvat.config.core import _merge
@@ -218,6 +219,8 @@ def fit(cfg: FitConfig, *, resume: bool = False, stop_at: int | None = None) -> 
             progress.update(done, loss=row["loss"])
             sums.zero_()
             window = 0
+        if done == tc.steps:
+            recalibrate_batchnorm(model, stream, tc.bn_recalibration_batches)
         if done % tc.eval_every == 0 or last:
             final = run_eval(done)
         if done % tc.checkpoint_every == 0 or last:
@@ -246,6 +249,29 @@ def fit(cfg: FitConfig, *, resume: bool = False, stop_at: int | None = None) -> 
     }
     atomic_write_text(run / "results.json", json.dumps(results, indent=1) + "\n")
     return results
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, stream, batches: int) -> None:
+    """Replace BatchNorm running statistics by their exact average over `batches` batches.
+
+    With momentum 0.01 the running averages still weigh activations from early training after
+    a few hundred steps; an eval-mode VAE then decodes far worse than in training.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms or batches == 0:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: the exact mean over the batches seen
+    was_training = model.training
+    model.train()
+    for _ in range(batches):
+        model(stream.next())
+    model.train(was_training)
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
 
 
 def summary(results: dict) -> str:
