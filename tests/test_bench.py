@@ -14,14 +14,7 @@ from lvat.data import make_split
 from lvat.models import VAE, build_classifier
 from lvat.regularizers import LVAT, VAT, normalize
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread avoids OpenMP spin-waits that stall small ops ~100x on a busy box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _classifier(channels: int = 1) -> torch.nn.Module:

@@ -19,7 +19,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -32,19 +31,6 @@ from lvat.train.distributed import GradSync, World, local_batch, rank_seed
 from lvat.train.setup import build_model
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-
-
-@pytest.fixture(scope="module")
-def toy_data(tmp_path_factory) -> Path:
-    """200 + 50 16x16 grey images of 10 classes: a class-dependent blob plus noise."""
-    rng = np.random.default_rng(0)
-    y = np.arange(250) % 10
-    x = rng.integers(0, 60, (250, 16, 16)).astype(np.uint8)
-    for i, c in enumerate(y):
-        x[i, c : c + 4, 2:8] = 255
-    path = tmp_path_factory.mktemp("data") / "toy.npz"
-    np.savez(path, x_train=x[:200], y_train=y[:200], x_test=x[200:], y_test=y[200:])
-    return path
 
 
 def _flags(data: Path, **kw) -> list[str]:

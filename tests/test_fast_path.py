@@ -18,14 +18,7 @@ from lvat.regularizers.common import full_precision, no_tf32_convs
 from lvat.train import fast, train
 from lvat.train.step import STATS, train_step
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread avoids OpenMP spin-waits that stall small ops ~100x on a busy box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _images(n: int = 12, c: int = 1, size: int = 16, seed: int = 0) -> torch.Tensor:
@@ -36,18 +29,6 @@ def _images(n: int = 12, c: int = 1, size: int = 16, seed: int = 0) -> torch.Ten
 def _classifier(c: int = 1, dropout: float = 0.0) -> torch.nn.Module:
     torch.manual_seed(0)
     return build_classifier("conv-small", in_channels=c, num_classes=10, dropout=dropout).train()
-
-
-@pytest.fixture(scope="module")
-def toy_data(tmp_path_factory) -> Path:
-    rng = np.random.default_rng(0)
-    y = np.arange(250) % 10
-    x = rng.integers(0, 60, (250, 16, 16)).astype(np.uint8)
-    for i, c in enumerate(y):
-        x[i, c : c + 4, 2:8] = 255
-    path = tmp_path_factory.mktemp("data") / "toy.npz"
-    np.savez(path, x_train=x[:200], y_train=y[:200], x_test=x[200:], y_test=y[200:])
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -5,55 +5,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import lvat.analysis.figures as figures
 from lvat.cli import main
 from lvat.config import Config, load_config
-from lvat.models import VAE, Glow, save_transformer
 from lvat.train import train
 
 SAMPLES = 37  # not a multiple of the batch size (16): the last batch must count too
 TEST_SIZE = 50
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, OpenMP threads spin-wait for each other
-    and tiny models run 10-20x slower with two (measured: 6 s vs 130 s for both files)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def toy_data(tmp_path_factory) -> Path:
-    """200 + 50 16x16 grey images of 10 classes: a class-dependent blob plus noise."""
-    rng = np.random.default_rng(0)
-    y = np.arange(250) % 10
-    x = rng.integers(0, 60, (250, 16, 16)).astype(np.uint8)
-    for i, c in enumerate(y):
-        x[i, c : c + 4, 2:8] = 255
-    path = tmp_path_factory.mktemp("data") / "toy.npz"
-    np.savez(path, x_train=x[:200], y_train=y[:200], x_test=x[200:], y_test=y[200:])
-    return path
-
-
-@pytest.fixture(scope="module")
-def transformers(tmp_path_factory) -> dict[str, Path]:
-    """Untrained tiny VAE and Glow checkpoints for 1x16x16 images."""
-    folder = tmp_path_factory.mktemp("transformers")
-    torch.manual_seed(0)
-    glow = Glow(in_channels=1, image_size=16, n_levels=2, n_steps=1, width=8)
-    glow.initialize(torch.rand(16, 1, 16, 16))
-    return {
-        "vae": save_transformer(VAE(in_channels=1, image_size=16, latent_dim=8), folder / "v.pt"),
-        "glow": save_transformer(glow, folder / "g.pt"),
-    }
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -29,27 +29,7 @@ TINY = {  # tiny models for 1x16x16 toy images
     "glow": {"model.n_levels": 2, "model.n_steps": 2, "model.width": 8, "train.init_images": 64},
 }
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on 2 shared cores, 2 OpenMP threads can stall 10-50x per step."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def toy_data(tmp_path_factory) -> Path:
-    """200 + 50 16x16 grey images of 10 classes: a class-dependent blob plus noise."""
-    rng = np.random.default_rng(0)
-    y = np.arange(250) % 10
-    x = rng.integers(0, 60, (250, 16, 16)).astype(np.uint8)
-    for i, c in enumerate(y):
-        x[i, c : c + 4, 2:8] = 255
-    path = tmp_path_factory.mktemp("data") / "toy.npz"
-    np.savez(path, x_train=x[:200], y_train=y[:200], x_test=x[200:], y_test=y[200:])
-    return path
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _flags(kind: str, data: Path, out: Path, **kw) -> list[str]:
