@@ -105,12 +105,17 @@ def start(device_name: str) -> World:
         dist.init_process_group(
             "nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=size
         )
-        atexit.register(_leave)
+        atexit.register(leave, False)
     return World(dist.get_rank(), dist.get_world_size(), device)
 
 
-def _leave() -> None:
+def leave(together: bool = True) -> None:
+    """Leave the process group. `together` waits for every rank first: a rank that tears gloo
+    down while its peer still runs (rank 0 writes results after the last collective) can make
+    the peer abort at exit. At exit after an error there is no barrier (a peer may be gone)."""
     if dist.is_initialized():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
 
 
