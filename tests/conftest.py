@@ -126,3 +126,17 @@ def transformers(tmp_path_factory) -> dict[str, Path]:
         "vae": save_transformer(VAE(in_channels=1, image_size=16, latent_dim=8), folder / "v.pt"),
         "glow": save_transformer(glow, folder / "g.pt"),
     }
+
+
+def tiny_run_flags(data: Path, out: Path | None = None, **overrides) -> list[str]:
+    """`--key value` flags of a 6-step conv-small run on `data` (toy_data); keys win if given."""
+    base = {
+        "data.name": str(data), "data.num_labeled": 20, "model.name": "conv-small",
+        "train.steps": 6, "train.batch_labeled": 8, "train.batch_unlabeled": 16,
+        "train.decay_steps": 3, "train.log_every": 2, "train.eval_every": 3,
+        "train.checkpoint_every": 3, "train.progress": "false", "device": "cpu",
+    }  # fmt: skip
+    if out is not None:
+        base["out"] = str(out)
+    base.update(overrides)
+    return [a for k, v in base.items() for a in (f"--{k}", str(v))]

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_run_flags
 
 from lvat.config import Config, load_config
 from lvat.data import Split, TrainBatches, load_from_config
@@ -34,22 +35,7 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 
 def _flags(data: Path, **kw) -> list[str]:
-    base = {
-        "data.name": str(data),
-        "data.num_labeled": 20,
-        "model.name": "conv-small",
-        "train.steps": 6,
-        "train.batch_labeled": 8,
-        "train.batch_unlabeled": 16,
-        "train.decay_steps": 3,
-        "train.log_every": 1,
-        "train.eval_every": 3,
-        "train.checkpoint_every": 3,
-        "train.progress": "false",
-        "device": "cpu",
-    }
-    base.update(kw)
-    return [a for k, v in base.items() for a in (f"--{k}", str(v))]
+    return tiny_run_flags(data, **{"train.log_every": 1, **kw})
 
 
 def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:

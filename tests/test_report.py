@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import tiny_run_flags as _flags
 
 from lvat.analysis.paper import TABLE3, Cell, paper_error
 from lvat.cli import main
@@ -25,26 +26,6 @@ SPEC_COLUMNS = [
 ]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _flags(data: Path, out: Path, **kw) -> list[str]:
-    base = {
-        "data.name": str(data),
-        "data.num_labeled": 20,
-        "model.name": "conv-small",
-        "train.steps": 6,
-        "train.batch_labeled": 8,
-        "train.batch_unlabeled": 16,
-        "train.decay_steps": 3,
-        "train.log_every": 2,
-        "train.eval_every": 3,
-        "train.checkpoint_every": 3,
-        "train.progress": "false",
-        "device": "cpu",
-        "out": str(out),
-    }
-    base.update(kw)
-    return [a for k, v in base.items() for a in (f"--{k}", str(v))]
 
 
 @pytest.fixture(scope="module")

@@ -8,32 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_run_flags as _flags
 
 from lvat.cli import main
 from lvat.config import Config, load_config
 from lvat.errors import LvatError
 from lvat.train import NonFiniteLoss, checkpoint, train
 from lvat.train.schedule import lr_and_beta1
-
-
-def _flags(data: Path, out: Path, **kw) -> list[str]:
-    base = {
-        "data.name": str(data),
-        "data.num_labeled": 20,
-        "model.name": "conv-small",
-        "train.steps": 6,
-        "train.batch_labeled": 8,
-        "train.batch_unlabeled": 16,
-        "train.decay_steps": 3,
-        "train.log_every": 2,
-        "train.eval_every": 3,
-        "train.checkpoint_every": 3,
-        "train.progress": "false",
-        "device": "cpu",
-        "out": str(out),
-    }
-    base.update(kw)
-    return [a for k, v in base.items() for a in (f"--{k}", str(v))]
 
 
 def test_schedule_is_constant_then_linear_to_zero_with_beta1_half():
