@@ -121,6 +121,8 @@ HELPER = textwrap.dedent(
     assert train(parts, stop_at=3) == {"step": 3, "finished": False}
     torch.manual_seed(1234 + int(os.environ["RANK"]))  # a fresh process has other RNG state
     train(parts, resume=True)
+    from lvat.train.distributed import finish_worker
+    finish_worker()
     """
 )
 

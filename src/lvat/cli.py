@@ -61,22 +61,16 @@ def _cmd_train(args: argparse.Namespace, rest: Sequence[str]) -> int:
         cfg.out = args.resume
     else:
         cfg = load_config(Config, args.config, rest)
-    from lvat.train.distributed import leave
+    from lvat.train.distributed import finish_worker
 
     results = train(cfg, resume=bool(args.resume))
-    leave()  # torchrun: leave the process group together, before interpreter teardown
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one line for the whole job
         print(
             f"{cfg.method.name} on {results['dataset']}: test error {results['test_error']:.2f}% "
             f"after {results['steps']} steps ({results['wall_time_s']:.0f} s); run folder "
             f"{cfg.out}"
         )
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # torchrun worker: skip interpreter teardown, where gloo's threads sometimes abort
-        # the process ("terminate called without an active exception") after a clean run.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    finish_worker()  # under torchrun: leave together and exit here
     return 0
 
 

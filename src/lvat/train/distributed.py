@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,6 +118,18 @@ def leave(together: bool = True) -> None:
         if together:
             dist.barrier()
         dist.destroy_process_group()
+
+
+def finish_worker() -> None:
+    """End a torchrun worker after a clean run: leave the group together, then exit without
+    interpreter teardown, where gloo's threads sometimes abort a finished process ("terminate
+    called without an active exception"). A no-op outside torchrun."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    leave()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def local_batch(global_batch: int, world: World, key: str) -> int:
