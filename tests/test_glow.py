@@ -7,24 +7,12 @@ import math
 
 import pytest
 import torch
+from test_flows import randomize_
 
-from lvat.models.flows import ActNorm, AffineCoupling
+from lvat.models.flows import ActNorm
 from lvat.models.glow import Glow, floor_ste, glow_loss, nonfinite_decode_rate
 
 TINY = dict(in_channels=3, image_size=8, n_levels=2, n_steps=2, width=16)
-
-
-@torch.no_grad()
-def randomize_(glow: Glow, scale: float = 0.05) -> Glow:
-    """Non-trivial ActNorms and couplings (fresh couplings are the identity)."""
-    for m in glow.modules():
-        if isinstance(m, ActNorm):
-            m.bias.normal_(0.0, 0.3)
-            m.logs.uniform_(-0.3, 0.3)
-        elif isinstance(m, AffineCoupling):
-            m.zero_conv.weight.normal_(0.0, scale)
-            m.zero_conv.bias.normal_(0.0, scale)
-    return glow
 
 
 def images(*shape: int) -> torch.Tensor:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -49,8 +48,7 @@ from lvat.fit.setup import (
 from lvat.io import atomic_write_text
 from lvat.models.transformers import save_transformer
 from lvat.train import checkpoint
-from lvat.train.loop import NonFiniteLoss
-from lvat.train.monitor import MetricsLog, Progress
+from lvat.train.monitor import MetricsLog, NonFiniteLoss, Progress, window_means
 from lvat.train.setup import resolve_device
 
 
@@ -199,13 +197,7 @@ def fit(cfg: FitConfig, *, resume: bool = False, stop_at: int | None = None) -> 
         last = done == end
         logged = done % tc.log_every == 0 or last or done % tc.checkpoint_every == 0
         if logged:
-            means = (sums / window).tolist()  # the host sync, once per window
-            if not all(math.isfinite(v) for v in means):
-                raise NonFiniteLoss(
-                    f"non-finite loss between steps {done - window + 1} and {done}; training "
-                    f"stopped and the last good checkpoint in {ckpt_path} is intact. Lower "
-                    f"train.lr, then continue with --resume"
-                )
+            means = window_means(sums, window, done, ckpt_path, "train.lr")
             now = time.perf_counter()
             row = {
                 "step": done,

@@ -12,7 +12,6 @@ data-parallel (`lvat.train.distributed`); rank 0 writes the run folder:
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -27,16 +26,12 @@ from lvat.errors import LvatError
 from lvat.io import atomic_write_text
 from lvat.train import checkpoint, distributed, fast, schedule
 from lvat.train.distributed import GradSync, World, rank_seed
-from lvat.train.monitor import MetricsLog, Progress
+from lvat.train.monitor import MetricsLog, NonFiniteLoss, Progress, window_means
 from lvat.train.runs import evaluate_splits
 from lvat.train.setup import build_model, build_regularizer
 from lvat.train.step import STATS, train_step
 
 METRICS = STATS  # summed per step, averaged per log row
-
-
-class NonFiniteLoss(LvatError):
-    """The training loss became NaN or infinite."""
 
 
 def train(cfg: Config, *, resume: bool = False, stop_at: int | None = None) -> dict:
@@ -170,13 +165,9 @@ def _train(cfg: Config, world: World, resume: bool, stop_at: int | None) -> dict
         done = step + 1
         last = done == end
         if done % tc.log_every == 0 or last or done % tc.checkpoint_every == 0:
-            means = (world.mean(sums) / window).tolist()  # the host sync, once per window
-            if not all(math.isfinite(v) for v in means):
-                raise NonFiniteLoss(
-                    f"non-finite loss between steps {done - window + 1} and {done}; training "
-                    f"stopped and the last good checkpoint in {ckpt_path} is intact. Lower "
-                    f"train.lr or method.eps, then continue with --resume"
-                )
+            means = window_means(
+                world.mean(sums), window, done, ckpt_path, "train.lr or method.eps"
+            )
             now = time.perf_counter()
             row = {
                 "step": done,

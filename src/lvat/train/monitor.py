@@ -3,12 +3,33 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from lvat.errors import ConfigError
+from lvat.errors import ConfigError, LvatError
+
+
+class NonFiniteLoss(LvatError):
+    """The training loss became NaN or infinite."""
+
+
+def window_means(sums: Any, window: int, done: int, checkpoint: Path, hint: str) -> list[float]:
+    """Mean of the metrics summed over the last `window` steps (one host sync), or stop.
+
+    A NaN or infinity stops training before any checkpoint holds its weights; `hint` says
+    what to change (e.g. "train.lr or method.eps").
+    """
+    means = (sums / window).tolist()
+    if not all(math.isfinite(v) for v in means):
+        raise NonFiniteLoss(
+            f"non-finite loss between steps {done - window + 1} and {done}; training stopped "
+            f"and the last good checkpoint in {checkpoint} is intact. Lower {hint}, then "
+            f"continue with --resume"
+        )
+    return means
 
 
 def _jsonable(v: Any) -> Any:
