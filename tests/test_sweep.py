@@ -99,3 +99,48 @@ def test_the_shipped_table3_sweep_covers_the_whole_table():
     needed = {p for j in runs for p in j.needs}
     assert needed == trained  # every LVAT run's transformer is trained by the sweep itself
     assert jobs.index(fits[-1]) < jobs.index(runs[0])  # transformers first
+
+
+def test_grid_runs_every_value_and_later_blocks_reuse_runs(grid, monkeypatch):
+    monkeypatch.chdir(grid)
+    (grid / "eps.toml").write_text(
+        'out = "runs"\n'
+        '[[runs]]\nconfigs = ["cfg/vat.toml"]\nseeds = [0]\n'
+        'grid = { "data.num_labeled" = [20, 30], "method.eps" = [0.5, 2.0] }\n'
+        '[[runs]]\nconfigs = ["cfg/vat.toml"]\nseeds = [0, 1]\n'
+        'grid = { "data.num_labeled" = [30], "method.eps" = [2.0] }\n'
+    )
+    jobs = plan("eps.toml")
+    outs = [str(j.out) for j in jobs]
+    assert outs == [
+        "runs/cfg/vat/num_labeled20_eps0.5/seed0",
+        "runs/cfg/vat/num_labeled20_eps2/seed0",
+        "runs/cfg/vat/num_labeled30_eps0.5/seed0",
+        "runs/cfg/vat/num_labeled30_eps2/seed0",
+        "runs/cfg/vat/num_labeled30_eps2/seed1",  # seed 0 of the 2nd block is the 1st block's
+    ]
+    cfgs = [load_config(Config, j.config, j.flags) for j in jobs]
+    assert [(c.data.num_labeled, c.method.eps, c.seed) for c in cfgs] == [
+        (20, 0.5, 0),
+        (20, 2.0, 0),
+        (30, 0.5, 0),
+        (30, 2.0, 0),
+        (30, 2.0, 1),
+    ]
+    assert all(c.out == o for c, o in zip(cfgs, outs, strict=True))
+
+
+def test_bad_grid_and_clashing_runs_are_config_errors(grid, monkeypatch):
+    monkeypatch.chdir(grid)
+    (grid / "bad.toml").write_text(
+        '[[runs]]\nconfigs = ["cfg/vat.toml"]\ngrid = { "method.eps" = 1.0 }\n'
+    )
+    with pytest.raises(ConfigError, match="grid"):
+        plan("bad.toml")
+    (grid / "clash.toml").write_text(
+        '[[runs]]\nconfigs = ["cfg/vat.toml"]\ngrid = { "method.eps" = [1.0] }\n'
+        '[[runs]]\nconfigs = ["cfg/vat.toml"]\ngrid = { "method.eps" = [1.0] }\n'
+        'set = ["--train.steps", "8"]\n'
+    )
+    with pytest.raises(ConfigError, match="set differently"):
+        plan("clash.toml")

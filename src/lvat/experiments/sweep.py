@@ -13,6 +13,8 @@ A sweep file (TOML) lists the transformers to train first and the classifier run
     seeds = [0, 1, 2, 3, 4]
     seed_keys = ["seed", "data.split_seed"]       # SSL: label seeds; SL: just "seed"
     set = ["--train.steps", "48000"]              # optional flags for every run of this block
+    grid = { "method.eps" = [1.0, 2.0] }          # optional: one run per value (and combination);
+                                                  # out/<folder>/<config>/eps1/seed<k>
 
 Every job is skipped when finished (results.json), resumed when interrupted (checkpoint.pt),
 started otherwise. `--shard i/n` runs jobs i, i+n, i+2n, ... so a grid spreads over machines;
@@ -22,6 +24,7 @@ a run whose transformer is not trained yet is left for a later pass.
 from __future__ import annotations
 
 import glob
+import itertools
 import sys
 import time
 from dataclasses import dataclass, field
@@ -72,6 +75,7 @@ def plan(path: str | Path) -> list[Job]:
     base = path.parent
     out = Path(spec.get("out", "runs/" + path.stem))
     jobs: list[Job] = []
+    seen: dict[Path, Job] = {}
     for i, block in enumerate(spec.get("fit", [])):
         where = f"{path}: fit[{i}]"
         kind, cfg = block.get("kind"), block.get("config")
@@ -86,18 +90,47 @@ def plan(path: str | Path) -> list[Job]:
         seeds = _list(block, "seeds", where, int) or [0]
         seed_keys = _list(block, "seed_keys", where, str) or ["seed"]
         flags = _list(block, "set", where, str)
+        points = _grid(block.get("grid", {}), where)
         files = sorted({Path(f) for p in patterns for f in glob.glob(str(base / p))})
         if not files:
             raise ConfigError(f"{where}: no config file matches {patterns}")
-        for file in files:
-            for seed in seeds:  # e.g. runs/table3/svhn-ssl/vat/seed0
-                run_out = out / file.parent.name / file.stem / f"seed{seed}"
-                seed_flags = [a for k in seed_keys for a in (f"--{k}", str(seed))]
-                job_flags = [*flags, *seed_flags, "--out", str(run_out)]
-                cfg = load_config(Config, file, job_flags)  # validates every run up front
-                needs = [Path(cfg.method.transformer)] if cfg.method.name == "lvat" else []
-                jobs.append(Job("train", file, job_flags, run_out, needs))
+        for file, (folder, point_flags), seed in itertools.product(files, points, seeds):
+            # e.g. runs/table3/svhn-ssl/vat/seed0, or .../vat/num_labeled100_eps2/seed0
+            run_out = out / file.parent.name / file.stem / folder / f"seed{seed}"
+            seed_flags = [a for k in seed_keys for a in (f"--{k}", str(seed))]
+            job_flags = [*flags, *point_flags, *seed_flags, "--out", str(run_out)]
+            if run_out in seen:  # listed by an earlier block too (e.g. an eps search's seed 0)
+                if (seen[run_out].config, seen[run_out].flags) != (file, job_flags):
+                    raise ConfigError(f"{where}: {run_out} is also an earlier run, set differently")
+                continue
+            cfg = load_config(Config, file, job_flags)  # validates every run up front
+            needs = [Path(cfg.method.transformer)] if cfg.method.name == "lvat" else []
+            seen[run_out] = Job("train", file, job_flags, run_out, needs)
+            jobs.append(seen[run_out])
     return jobs
+
+
+def _grid(grid: object, where: str) -> list[tuple[str, list[str]]]:
+    """`{key: [values]}` -> one (sub-folder, flags) per combination; [("", [])] without a grid.
+
+    The folder names each value by the key's last part ("eps2", "num_labeled100_eps0.5"), in the
+    order the keys are written, so a later block with a subset of the values reuses those runs."""
+    if not isinstance(grid, dict) or not all(
+        isinstance(v, list) and v and all(isinstance(x, (int, float, str)) for x in v)
+        for v in grid.values()
+    ):
+        raise ConfigError(f'{where}.grid: expected {{ "section.key" = [value, ...] }}')
+    points = []
+    for values in itertools.product(*grid.values()):
+        pairs = list(zip(grid, values, strict=True))
+        parts = [f"{k.rsplit('.', 1)[-1]}{_text(v)}" for k, v in pairs]
+        flags = [a for k, v in pairs for a in (f"--{k}", str(v))]
+        points.append(("_".join(parts), flags))
+    return points or [("", [])]
+
+
+def _text(value: int | float | str) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _fit_out(config: Path, kind: str, flags: list[str]) -> str:
