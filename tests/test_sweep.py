@@ -144,3 +144,28 @@ def test_bad_grid_and_clashing_runs_are_config_errors(grid, monkeypatch):
     )
     with pytest.raises(ConfigError, match="set differently"):
         plan("clash.toml")
+
+
+def test_lvat_runs_wait_until_their_transformer_fit_has_finished(grid, monkeypatch, capsys):
+    monkeypatch.chdir(grid)
+    fit = grid / "fit"
+    fit.mkdir()
+    (grid / "cfg" / "lvat.toml").write_text(
+        (grid / "cfg" / "vat.toml").read_text().replace('"vat"', '"lvat"')
+        + 'transformer = "fit/checkpoint.pt"\n'
+    )
+    (grid / "one.toml").write_text('[[runs]]\nconfigs = ["cfg/lvat.toml"]\n')
+
+    def state() -> str:
+        sweep("one.toml", dry_run=True)
+        return capsys.readouterr().out.splitlines()[-1].split()[0]
+
+    assert state() == "[waiting]"  # nothing yet
+    (fit / "config.toml").write_text("")
+    (fit / "checkpoint.pt").write_bytes(b"")
+    assert state() == "[waiting]"  # a fit still training (another shard) has a checkpoint
+    (fit / "results.json").write_text("{}")
+    assert state() == "[todo]"
+    (fit / "config.toml").unlink()
+    (fit / "results.json").unlink()
+    assert state() == "[todo]"  # a checkpoint on its own (not a fit folder) is taken as is

@@ -151,6 +151,15 @@ def _run(job: Job) -> None:
         fit(fit_config(job.kind[4:], str(job.config), job.flags), resume=resume)
 
 
+def _ready(checkpoint: Path) -> bool:
+    """A transformer checkpoint is usable once written and, in a fit's folder, once that fit has
+    finished (a fit still training, e.g. in another shard, has a checkpoint but no results)."""
+    folder = checkpoint.parent
+    return checkpoint.is_file() and (
+        (folder / RESULTS).is_file() or not (folder / "config.toml").is_file()
+    )
+
+
 def parse_shard(text: str) -> tuple[int, int]:
     """'i/n' with 0 <= i < n."""
     try:
@@ -169,7 +178,7 @@ def sweep(path: str | Path, *, shard: tuple[int, int] = (0, 1), dry_run: bool = 
     print(f"{path}: {len(jobs)} jobs, {len(mine)} in shard {shard[0]}/{shard[1]}")
     failed = 0
     for job in mine:
-        missing = [p for p in job.needs if not p.is_file()]
+        missing = [p for p in job.needs if not _ready(p)]
         state = "waiting" if missing and job.status != "done" else job.status
         if dry_run or state == "done":
             print(f"  [{state}] {job.name}")
