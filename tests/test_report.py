@@ -98,6 +98,7 @@ def _fake_run(
     num_labeled: int = 1000,
     seed: int = 0,
     eps: float = 2.5,
+    validation_error: float | None = None,
     transformer: str = "",
     model: str = "conv-large",
 ) -> Path:
@@ -117,6 +118,8 @@ def _fake_run(
     if error is not None:
         results = {"method": method, "dataset": dataset, "num_labeled": labeled, "seed": seed,
                    "test_error": error}  # fmt: skip
+        if validation_error is not None:
+            results["validation_error"] = validation_error
         (folder / "results.json").write_text(json.dumps(results))
     return folder
 
@@ -190,6 +193,23 @@ def test_an_eps_sweep_gets_one_row_per_eps(tmp_path, capsys):
     assert set(rows) == {"VAT eps=2.5", "VAT eps=8"}
     assert float(rows["VAT eps=8"]["mean"]) == pytest.approx(9.25)
     assert "| VAT eps=2.5 | 6.50 ± 0.71 (n=2) [paper 16.92] |" in capsys.readouterr().out
+
+
+def test_validation_metric_averages_validation_error_without_paper_values(tmp_path, capsys):
+    for eps, pairs in ((2.5, [(6.0, 5.0), (7.0, 8.0)]), (8.0, [(9.0, 4.0), (9.5, 4.5)])):
+        for s, (test, val) in enumerate(pairs):
+            _fake_run(tmp_path / f"runs/eps{eps}/{s}", "vat", "cifar10", error=test, eps=eps,
+                      num_labeled=4000, seed=s, validation_error=val)  # fmt: skip
+    argv = ["report", str(tmp_path / "runs"), "--out", str(tmp_path / "v"), "--metric"]
+    assert main([*argv, "validation"]) == 0
+    out = capsys.readouterr().out
+    assert "Validation error" in out and "paper" not in out.split("## Missing")[0]
+    rows = {r["method"]: r for r in _csv_rows(tmp_path / "v.csv")}
+    assert float(rows["VAT eps=2.5"]["mean"]) == pytest.approx(6.5)
+    assert float(rows["VAT eps=8"]["mean"]) == pytest.approx(4.25)  # test says 9.25
+    assert rows["VAT eps=8"]["paper"] == ""
+    with pytest.raises(SystemExit):  # argparse: an unknown metric is a usage error
+        main([*argv, "train"])
 
 
 def test_a_folder_without_runs_is_an_error(tmp_path, capsys):

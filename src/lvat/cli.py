@@ -101,7 +101,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from lvat.analysis.report import write_report
 
-    report, markdown = write_report(args.run_dirs, args.out)
+    report, markdown = write_report(args.run_dirs, args.out, args.metric)
     print(markdown, end="")
     n = sum(c.n for c in report.cells)
     print(
@@ -277,6 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders or parents")
     rep.add_argument("--out", default="report", metavar="PREFIX", help="default: ./report")
+    rep.add_argument(
+        "--metric",
+        choices=("test", "validation"),
+        default="test",
+        help="test error (Table 3; default) or validation error (for choosing eps)",
+    )
     rep.set_defaults(func=_cmd_report)
     fig = sub.add_parser(
         "figures",

@@ -68,7 +68,7 @@ class RunInfo:
     eps: float | None  # None for sup
     entropy: bool  # VAT+Ent / LVAT+Ent
     config: dict  # raw config.toml
-    test_error: float | None  # None: no results.json yet
+    error: float | None  # test (or validation) error; None: no results.json yet
     progress: str = ""  # "step 300/48000" for unfinished runs
 
     @property
@@ -131,8 +131,8 @@ def transformer_kind(path: str, run_dir: Path) -> str:
     return ""
 
 
-def read_run(path: Path) -> RunInfo:
-    """A run folder -> RunInfo (config from config.toml, error from results.json if present)."""
+def read_run(path: Path, metric: str = "test") -> RunInfo:
+    """A run folder -> RunInfo (config from config.toml, `metric`_error from results.json)."""
     try:
         config = tomllib.loads((path / "config.toml").read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError):
@@ -156,7 +156,7 @@ def read_run(path: Path) -> RunInfo:
     sl = data.get("num_labeled") == -1 or (num_labeled > 0 and num_labeled == every)
     cell = Cell(method, dataset, bool(data.get("augment", False)), "SL" if sl else "SSL")
     eps = None if method == "sup" else method_cfg.get("eps")
-    error = results.get("test_error")
+    error = results.get(f"{metric}_error")
     info = RunInfo(
         path=path,
         cell=cell,
@@ -164,9 +164,9 @@ def read_run(path: Path) -> RunInfo:
         eps=None if eps is None else float(eps),
         entropy=method != "sup" and float(method_cfg.get("entropy_weight", 0.0)) > 0,
         config=config,
-        test_error=None if error is None else float(error),
+        error=None if error is None else float(error),
     )
-    if info.test_error is None:
+    if info.error is None:
         info.progress = _progress(path, config)
     return info
 
@@ -201,7 +201,7 @@ class CellSummary:
 
     @property
     def errors(self) -> list[float]:
-        return [r.test_error for r in self.runs if r.test_error is not None]
+        return [r.error for r in self.runs if r.error is not None]
 
     @property
     def n(self) -> int:
@@ -267,7 +267,7 @@ def column_label(col: tuple[str, bool, str, int]) -> str:
 
 def summarize(runs: list[RunInfo]) -> Report:
     """Group finished runs into cells and find the paper's cells that have none."""
-    finished = [r for r in runs if r.test_error is not None]
+    finished = [r for r in runs if r.error is not None]
     # An eps suffix only where one method/setting row was run at more than one eps.
     eps_seen: dict[str, set] = defaultdict(set)
     for r in finished:
@@ -289,7 +289,7 @@ def summarize(runs: list[RunInfo]) -> Report:
     missing = [
         (c, v) for c, v in _paper_cells_of(runs) if _key(c) not in {_key(r) for r in finished}
     ]
-    unfinished = sorted((r for r in runs if r.test_error is None), key=lambda r: str(r.path))
+    unfinished = sorted((r for r in runs if r.error is None), key=lambda r: str(r.path))
     return Report(cells, missing, unfinished)
 
 
@@ -305,18 +305,23 @@ def _paper_cells_of(runs: list[RunInfo]) -> list[tuple[Cell, float]]:
     return [(c, TABLE3[c]) for c in paper_cells({r.cell.dataset for r in runs})]
 
 
-def to_markdown(report: Report) -> str:
-    """Table 3 layout, then one line per missing cell and per unfinished run."""
+def to_markdown(report: Report, metric: str = "test") -> str:
+    """Table 3 layout, then one line per missing cell and per unfinished run. With metric
+    "validation" the paper's (test) numbers are left out: they are not comparable."""
     cols = report.columns()
+    with_paper = metric == "test"
+    title = "Test error (%): mean ± sample std over runs (n); [paper] = Table 3 of Osada et al."
+    if not with_paper:
+        title = "Validation error (%): mean ± sample std over runs (n), for choosing eps"
     lines = [
-        "# Test error (%): mean ± sample std over runs (n); [paper] = Table 3 of Osada et al.",
+        f"# {title}",
         "",
         "| method | " + " | ".join(column_label(c) for c in cols) + " |",
         "|---" * (len(cols) + 1) + "|",
     ]
     for row in report.rows():
         by_col = {c.first.column: c for c in report.cells if c.row == row}
-        texts = [by_col[c].text() if c in by_col else "—" for c in cols]
+        texts = [by_col[c].text(with_paper) if c in by_col else "—" for c in cols]
         lines.append(f"| {row} | " + " | ".join(texts) + " |")
     flagged = [c for c in report.cells if c.differ_in]
     if flagged:
@@ -339,8 +344,9 @@ def to_markdown(report: Report) -> str:
     return "\n".join(lines) + "\n"
 
 
-def to_csv(report: Report) -> str:
-    """One row per cell: method, dataset, aug, setting, mean, std, n, paper (+ details)."""
+def to_csv(report: Report, metric: str = "test") -> str:
+    """One row per cell: method, dataset, aug, setting, mean, std, n, paper (+ details); the
+    paper column stays empty for metric "validation"."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(CSV_FIELDS + CSV_EXTRA)
@@ -355,7 +361,7 @@ def to_csv(report: Report) -> str:
                 f"{c.mean:.6g}",
                 "" if c.std is None else f"{c.std:.6g}",
                 c.n,
-                "" if c.paper is None else f"{c.paper:g}",
+                "" if c.paper is None or metric != "test" else f"{c.paper:g}",
                 r.num_labeled,
                 "" if r.eps is None else f"{r.eps:g}",
                 ";".join(c.differ_in),
@@ -365,12 +371,17 @@ def to_csv(report: Report) -> str:
     return buf.getvalue()
 
 
-def write_report(paths: list[str | Path], prefix: str | Path = "report") -> tuple[Report, str]:
-    """Read every run under `paths`, write PREFIX.md and PREFIX.csv; return report and Markdown."""
-    runs = [read_run(p) for p in find_runs(paths)]
+def write_report(
+    paths: list[str | Path], prefix: str | Path = "report", metric: str = "test"
+) -> tuple[Report, str]:
+    """Read every run under `paths`, write PREFIX.md and PREFIX.csv; return report and Markdown.
+    `metric`: "test" (Table 3) or "validation" (the held-out split, for choosing eps)."""
+    if metric not in ("test", "validation"):
+        raise LvatError(f"metric {metric!r}: use test or validation")
+    runs = [read_run(p, metric) for p in find_runs(paths)]
     report = summarize(runs)
-    markdown = to_markdown(report)
+    markdown = to_markdown(report, metric)
     prefix = Path(prefix)
     atomic_write_text(prefix.with_name(prefix.name + ".md"), markdown)
-    atomic_write_text(prefix.with_name(prefix.name + ".csv"), to_csv(report))
+    atomic_write_text(prefix.with_name(prefix.name + ".csv"), to_csv(report, metric))
     return report, markdown
