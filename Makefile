@@ -33,13 +33,22 @@ demo: fashion-mnist
 # docs/results.md: Fashion-MNIST SSL, 100 and 1,000 labels, 3 label seeds, eps chosen on
 # validation; about 2 h on 2 CPU cores (two sweep processes, one core each). The second pass
 # picks up LVAT runs that waited for the other process's transformer fit; finished runs skip.
-RESULTS := runs/fashion-mnist-results
+RESULTS := runs/fashion-mnist-results/fashion-mnist
 SWEEP   := OMP_NUM_THREADS=1 $(BIN)/lvat sweep configs/sweeps/fashion-mnist.toml
+CHOSEN  := $(RESULTS)/sup $(RESULTS)/vat/*_eps2 $(RESULTS)/lvat-vae/*_eps0.5 \
+           $(RESULTS)/lvat-glow/*_eps0.5
+FIGURES := vat/num_labeled100_eps2 lvat-vae/num_labeled100_eps0.5 lvat-glow/num_labeled100_eps0.5
 .PHONY: results
 results: fashion-mnist
 	for pass in 1 2; do $(SWEEP) --shard 0/2 & $(SWEEP) --shard 1/2; wait; done
-	$(BIN)/lvat report $(RESULTS) --metric validation --out docs/results/validation
-	$(BIN)/lvat report $(RESULTS) --out docs/results/test
+	$(BIN)/lvat report $(RESULTS)/*/*/seed0 --metric validation --out docs/results/eps-search
+	$(BIN)/lvat report $(RESULTS)/*/*/seed0 --out docs/results/eps-search-test
+	$(BIN)/lvat report $(CHOSEN) --out docs/results/table
+	for run in $(FIGURES); do \
+	  $(BIN)/lvat figures $(RESULTS)/$$run/seed0 --samples 5000 --eps-vat 2 \
+	    --transformer runs/fit/fashion-mnist-vae/checkpoint.pt && \
+	  mkdir -p docs/results/$${run%%/*} && cp $(RESULTS)/$$run/seed0/figures/* docs/results/$${run%%/*}/; \
+	done
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
