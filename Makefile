@@ -31,7 +31,7 @@ demo: fashion-mnist
 	$(BIN)/lvat demo --out runs/demo
 
 # docs/results.md: Fashion-MNIST SSL, 100 and 1,000 labels, 3 label seeds, eps chosen on
-# validation; about 2 h on 2 CPU cores (two sweep processes, one core each). The second pass
+# validation; about 2 h 10 min on 2 CPU cores (two sweep processes, one core each). The second pass
 # picks up LVAT runs that waited for the other process's transformer fit; finished runs skip.
 RESULTS := runs/fashion-mnist-results/fashion-mnist
 SWEEP   := OMP_NUM_THREADS=1 $(BIN)/lvat sweep configs/sweeps/fashion-mnist.toml

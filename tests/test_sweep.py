@@ -101,6 +101,24 @@ def test_the_shipped_table3_sweep_covers_the_whole_table():
     assert jobs.index(fits[-1]) < jobs.index(runs[0])  # transformers first
 
 
+def test_the_shipped_fashion_mnist_sweep_searches_eps_then_runs_three_seeds():
+    path = Path(__file__).resolve().parents[1] / "configs" / "sweeps" / "fashion-mnist.toml"
+    runs = [j for j in plan(path) if j.kind == "train"]
+    cfgs = [load_config(Config, j.config, j.flags) for j in runs]
+    # 2 label counts x (sup: 3 seeds; 3 methods x 3 eps at seed 0, then 2 more seeds at one eps)
+    assert len(runs) == 2 * (3 + 3 * 3 + 3 * 2)
+    assert len({j.out for j in runs}) == len(runs)
+    for labels in (100, 1000):
+        for method in ("vat", "lvat-vae", "lvat-glow"):
+            mine = [(c.method.eps, c.seed) for j, c in zip(runs, cfgs, strict=True)
+                    if j.config.stem == method and c.data.num_labeled == labels]  # fmt: skip
+            searched = {eps for eps, seed in mine if seed == 0}
+            chosen = {eps for eps, seed in mine if seed > 0}
+            assert len(searched) == 3 and len(chosen) == 1 and chosen <= searched
+            assert sorted(seed for eps, seed in mine if eps in chosen) == [0, 1, 2]
+    assert all(c.data.split_seed == c.seed and c.train.steps == 400 for c in cfgs)
+
+
 def test_grid_runs_every_value_and_later_blocks_reuse_runs(grid, monkeypatch):
     monkeypatch.chdir(grid)
     (grid / "eps.toml").write_text(
