@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import pickle
 import tarfile
 from pathlib import Path
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from lvat.config import to_flags
 from lvat.data import catalog
 from lvat.data.fetch import md5sum
 
@@ -139,4 +141,14 @@ def tiny_run_flags(data: Path, out: Path | None = None, **overrides) -> list[str
     if out is not None:
         base["out"] = str(out)
     base.update(overrides)
-    return [a for k, v in base.items() for a in (f"--{k}", str(v))]
+    return to_flags(base)
+
+
+TIMINGS = ("time_s", "steps_per_s")
+
+
+def read_jsonl(path: Path, untimed: bool = False) -> list[dict]:
+    """The rows of a JSON-lines file (metrics.jsonl, eval.jsonl); `untimed` drops the wall-clock
+    keys, which are all that may differ between a resumed run and an uninterrupted one."""
+    rows = [json.loads(r) for r in path.read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMINGS} for r in rows] if untimed else rows

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 
 from lvat.cli import main
-from lvat.config import Config, dumps_toml, field_docs, help_text, load_config, save_config
+from lvat.config import (
+    Config,
+    dumps_toml,
+    field_docs,
+    help_text,
+    load_config,
+    save_config,
+    to_flags,
+)
 from lvat.config.schema import DataConfig
 from lvat.errors import ConfigError
 
@@ -113,3 +121,15 @@ def test_cli_config_prints_resolved_toml(toml_file, capsys):
     assert out == dumps_toml(load_config(Config, toml_file, ["--data.num_labeled", "20"]))
     assert main(["config", "--data.bogus", "1"]) == 2
     assert "unknown key 'data.bogus'" in capsys.readouterr().err
+
+
+def test_to_flags_is_the_inverse_of_parse_overrides():
+    values = {"train.steps": 10, "method.eps": 0.5, "data.name": "svhn", "train.progress": False}
+    assert to_flags(values)[:2] == ["--train.steps", "10"]
+    cfg = load_config(Config, None, to_flags(values))
+    assert (cfg.train.steps, cfg.method.eps, cfg.data.name, cfg.train.progress) == (
+        10,
+        0.5,
+        "svhn",
+        False,
+    )

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_run_flags
+from conftest import read_jsonl, tiny_run_flags
 
 from lvat.config import Config, load_config
 from lvat.data import Split, TrainBatches, load_from_config
@@ -81,9 +81,9 @@ def test_torchrun_2_processes_match_a_single_process_emulating_the_split(toy_dat
         ["checkpoint.pt", "config.toml", "eval.jsonl", "metrics.jsonl", "results.json",
          "split.json"]
     )  # fmt: skip
-    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
-    assert [json.loads(r)["step"] for r in (out / "eval.jsonl").read_text().splitlines()] == [3, 6]
+    assert [r["step"] for r in read_jsonl(out / "eval.jsonl")] == [3, 6]
     assert json.loads((out / "results.json").read_text())["processes"] == 2
     state = checkpoint.load(out / "checkpoint.pt")
     assert state["world_size"] == 2 and len(state["ranks"]) == 2
@@ -137,15 +137,11 @@ def test_torchrun_resume_restores_every_rank_bit_identically(toy_data, tmp_path)
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
 
-    def rows(run: Path) -> list[dict]:
-        drop = ("time_s", "steps_per_s")
-        return [
-            {k: v for k, v in json.loads(r).items() if k not in drop}
-            for r in (run / "metrics.jsonl").read_text().splitlines()
-        ]
-
-    assert rows(tmp_path / "whole") == rows(tmp_path / "parts")
-    assert all(r["kl"] > 0 for r in rows(tmp_path / "whole"))
+    whole, parts = (
+        read_jsonl(tmp_path / r / "metrics.jsonl", untimed=True) for r in ("whole", "parts")
+    )
+    assert whole == parts
+    assert all(r["kl"] > 0 for r in whole)
 
 
 def test_global_batches_must_divide_and_one_process_is_a_no_op():

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import read_jsonl
 
-from lvat.config import Config, TrainConfig, load_config
+from lvat.config import Config, TrainConfig, load_config, to_flags
 from lvat.data import Batch
 from lvat.errors import ConfigError
 from lvat.models import VAE, build_classifier, save_transformer
@@ -55,11 +55,7 @@ def _flags(data: Path, out: Path, **kw) -> list[str]:
         "out": str(out),
     }
     base.update(kw)
-    return [a for k, v in base.items() for a in (f"--{k}", str(v))]
-
-
-def _rows(run: Path) -> list[dict]:
-    return [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+    return to_flags(base)
 
 
 def test_auto_means_bf16_and_channels_last_on_cuda_only():
@@ -109,7 +105,7 @@ def test_a_bf16_training_run_on_cpu_stays_finite(toy_data, tmp_path):
     cfg = load_config(Config, None, _flags(toy_data, tmp_path / "amp", **{"train.amp": "bf16"}))
     res = train(cfg)
     assert res["amp"] == "bfloat16"
-    rows = _rows(tmp_path / "amp")
+    rows = read_jsonl(tmp_path / "amp" / "metrics.jsonl")
     assert all(np.isfinite(r["loss"]) and r["kl"] > 0 for r in rows)
     assert all(r["adv_l2"] == pytest.approx(2.5, rel=1e-3) for r in rows)
 
@@ -157,7 +153,9 @@ def test_a_cached_lvat_run_matches_an_uncached_one_and_augmentation_is_refused(
     res = train(cached)
     assert "cache_latents: 200 latents" in capsys.readouterr().err
     assert res["latent_cache_mib"] >= 0
-    for a, b in zip(_rows(tmp_path / "plain"), _rows(tmp_path / "cached"), strict=True):
+    for a, b in zip(
+        *(read_jsonl(tmp_path / r / "metrics.jsonl") for r in ("plain", "cached")), strict=True
+    ):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
         assert b["kl"] == pytest.approx(a["kl"], abs=1e-5)
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 import lvat.analysis.figures as figures
 from lvat.cli import main
-from lvat.config import Config, load_config
+from lvat.config import Config, load_config, to_flags
 from lvat.train import train
 
 SAMPLES = 37  # not a multiple of the batch size (16): the last batch must count too
@@ -46,7 +46,7 @@ def runs(toy_data, transformers, tmp_path_factory) -> dict[str, Path]:
             "out": root / name,
             **kw,
         }
-        train(load_config(Config, None, [a for k, v in flags.items() for a in (f"--{k}", str(v))]))
+        train(load_config(Config, None, to_flags(flags)))
     return {name: root / name for name in methods}
 
 

@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import read_jsonl
 from PIL import Image
 
 import lvat
 from lvat.cli import main
-from lvat.config import GlowFitConfig, VAEFitConfig, load_config
+from lvat.config import GlowFitConfig, VAEFitConfig, load_config, to_flags
 from lvat.errors import ConfigError, LvatError
 from lvat.fit import KINDS, fit, lr_at
 from lvat.fit.setup import check_schedule
@@ -47,11 +48,7 @@ def _flags(kind: str, data: Path, out: Path, **kw) -> list[str]:
         **TINY[kind],
     }
     base.update(kw)
-    return [a for k, v in base.items() for a in (f"--{k}", str(v))]
-
-
-def _rows(path: Path) -> list[dict]:
-    return [json.loads(r) for r in path.read_text().splitlines()]
+    return to_flags(base)
 
 
 @pytest.mark.parametrize("kind", ["vae", "glow"])
@@ -72,11 +69,11 @@ def test_a_cli_fit_writes_every_file_and_a_loadable_frozen_transformer(
     assert load_config(CLASSES[kind], out / "config.toml").train.steps == 6
 
     terms = {"vae": {"bce", "kl"}, "glow": {"nll", "bpd"}}[kind]
-    rows = _rows(out / "metrics.jsonl")
+    rows = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [2, 3, 4, 6]  # log windows end at checkpoints too
     assert all(terms | {"loss", "lr", "steps_per_s", "recon_mse"} <= set(r) for r in rows)
     assert all(r["nonfinite_decode_rate"] == 0.0 and np.isfinite(r["loss"]) for r in rows)
-    evals = _rows(out / "eval.jsonl")
+    evals = read_jsonl(out / "eval.jsonl")
     assert [e["step"] for e in evals] == [3, 6] and all(e["test_images"] == 50 for e in evals)
     results = json.loads((out / "results.json").read_text())
     for key in {f"test_{t}" for t in terms | {"recon_mse", "nonfinite_decode_rate"}}:
@@ -118,14 +115,9 @@ def test_resume_ends_bit_identical_to_an_unstopped_run(kind, toy_data, tmp_path,
     for k in a["state_dict"]:
         assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
 
-    def rows(run: Path, name: str) -> list[dict]:  # timings differ; nothing else may
-        return [
-            {k: v for k, v in r.items() if k not in ("time_s", "steps_per_s")}
-            for r in _rows(run / name)
-        ]
-
     for name in ("metrics.jsonl", "eval.jsonl"):
-        assert rows(tmp_path / "whole", name) == rows(tmp_path / "parts", name)
+        whole, parts = (read_jsonl(tmp_path / r / name, untimed=True) for r in ("whole", "parts"))
+        assert whole == parts
 
 
 def test_resume_through_the_cli_refusing_to_overwrite_and_the_wrong_kind(
@@ -263,9 +255,9 @@ def test_a_short_fit_on_real_fashion_mnist_lowers_the_training_loss(kind, tmp_pa
         "out": str(tmp_path / kind),
         **small,
     }
-    cfg = load_config(CLASSES[kind], None, [a for k, v in flags.items() for a in (f"--{k}", v)])
+    cfg = load_config(CLASSES[kind], None, to_flags(flags))
     results = fit(cfg)
-    rows = _rows(tmp_path / kind / "metrics.jsonl")
+    rows = read_jsonl(tmp_path / kind / "metrics.jsonl")
     assert len(rows) == 4 and rows[-1]["loss"] < 0.9 * rows[0]["loss"], rows
     assert results["test_images"] == 200 and results["test_nonfinite_decode_rate"] == 0.0
     assert results["image_shape"] == [1, 32, 32]

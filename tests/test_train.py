@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import read_jsonl
 from conftest import tiny_run_flags as _flags
 
 from lvat.cli import main
@@ -51,7 +51,7 @@ def test_a_30_step_cli_run_of_every_method_writes_all_its_files(
         "results.json",
     ):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
-    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [10, 15, 20, 30]  # log windows end at checkpoints too
     assert all(np.isfinite(r["loss"]) for r in rows)
     if method != "sup":
@@ -87,14 +87,10 @@ def test_resume_ends_bit_identical_to_an_unstopped_run(toy_data, tmp_path):
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
 
-    def rows(run: Path) -> list[dict]:  # timings differ between runs; everything else must not
-        lines = (run / "metrics.jsonl").read_text().splitlines()
-        return [
-            {k: v for k, v in json.loads(r).items() if k not in ("time_s", "steps_per_s")}
-            for r in lines
-        ]
-
-    assert rows(tmp_path / "whole") == rows(tmp_path / "parts")
+    whole, parts = (
+        read_jsonl(tmp_path / r / "metrics.jsonl", untimed=True) for r in ("whole", "parts")
+    )
+    assert whole == parts  # timings differ between runs; everything else must not
 
 
 def test_resume_through_the_cli_and_refusing_to_overwrite(toy_data, tmp_path, capsys):

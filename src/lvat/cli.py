@@ -98,6 +98,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_resume(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        default=None,
+        help=f"continue the {what} in RUN_DIR exactly where its checkpoint stopped",
+    )
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from lvat.analysis.report import write_report
 
@@ -223,12 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_config_help("Config"),
     )
     tr.add_argument("--config", default=None, help="TOML or YAML config file")
-    tr.add_argument(
-        "--resume",
-        metavar="RUN_DIR",
-        default=None,
-        help="continue the run in RUN_DIR exactly where its checkpoint stopped",
-    )
+    _add_resume(tr, "run")
     tr.set_defaults(func=_cmd_train, takes_overrides=True)
     fit = sub.add_parser(
         "fit",
@@ -256,12 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         fk.add_argument("--config", default=None, help="TOML or YAML config (configs/fit/)")
         fk.add_argument("--dataset", default=None, metavar="NAME", help="same as --data.name")
-        fk.add_argument(
-            "--resume",
-            metavar="RUN_DIR",
-            default=None,
-            help="continue the fit in RUN_DIR exactly where its checkpoint stopped",
-        )
+        _add_resume(fk, "fit")
         fk.set_defaults(func=_cmd_fit, takes_overrides=True)
 
     ev = sub.add_parser("eval", help="evaluate a run's classifier on test (and validation)")

@@ -11,6 +11,7 @@ from lvat.config.core import (
     read_file,
     save_config,
     to_dict,
+    to_flags,
 )
 from lvat.config.schema import (
     Config,
@@ -50,4 +51,5 @@ __all__ = [
     "read_file",
     "save_config",
     "to_dict",
+    "to_flags",
 ]

@@ -273,6 +273,11 @@ def parse_overrides(args: Sequence[str], cls: type) -> dict[str, Any]:
     return nested
 
 
+def to_flags(values: dict[str, Any]) -> list[str]:
+    """The inverse of parse_overrides: {'train.steps': 10} -> ['--train.steps', '10']."""
+    return [a for k, v in values.items() for a in (f"--{k}", str(v))]
+
+
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in top.items():

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lvat.config import Config, load_config
-from lvat.config.core import read_file
+from lvat.config.core import read_file, to_flags
 from lvat.errors import ConfigError, LvatError
 
 RESULTS, CHECKPOINT = "results.json", "checkpoint.pt"
@@ -97,7 +97,7 @@ def plan(path: str | Path) -> list[Job]:
         for file, (folder, point_flags), seed in itertools.product(files, points, seeds):
             # e.g. runs/table3/svhn-ssl/vat/seed0, or .../vat/num_labeled100_eps2/seed0
             run_out = out / file.parent.name / file.stem / folder / f"seed{seed}"
-            seed_flags = [a for k in seed_keys for a in (f"--{k}", str(seed))]
+            seed_flags = to_flags(dict.fromkeys(seed_keys, seed))
             job_flags = [*flags, *point_flags, *seed_flags, "--out", str(run_out)]
             if run_out in seen:  # listed by an earlier block too (e.g. an eps search's seed 0)
                 if (seen[run_out].config, seen[run_out].flags) != (file, job_flags):
@@ -121,12 +121,11 @@ def _grid(grid: object, where: str) -> list[tuple[str, list[str]]]:
     ):
         raise ConfigError(f'{where}.grid: expected {{ "section.key" = [value, ...] }}')
     points = []
-    for values in itertools.product(*grid.values()):
-        pairs = list(zip(grid, values, strict=True))
-        parts = [f"{k.rsplit('.', 1)[-1]}{_text(v)}" for k, v in pairs]
-        flags = [a for k, v in pairs for a in (f"--{k}", str(v))]
-        points.append(("_".join(parts), flags))
-    return points or [("", [])]
+    for values in itertools.product(*grid.values()):  # no grid: one empty point
+        point = dict(zip(grid, values, strict=True))
+        folder = "_".join(f"{k.rsplit('.', 1)[-1]}{_text(v)}" for k, v in point.items())
+        points.append((folder, to_flags(point)))
+    return points
 
 
 def _text(value: int | float | str) -> str:
