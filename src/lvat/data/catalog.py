@@ -49,10 +49,10 @@ class OfficialDataset:
 
 def _read_idx_dataset(folder: Path) -> Arrays:
     x_tr, y_tr = formats.read_idx_pair(
-        folder / "train-images-idx3-ubyte.gz", folder / "train-labels-idx1-ubyte.gz"
+        folder / "train-images-idx3-ubyte.gz", folder / "train-labels-idx1-ubyte.gz", 10
     )
     x_te, y_te = formats.read_idx_pair(
-        folder / "t10k-images-idx3-ubyte.gz", folder / "t10k-labels-idx1-ubyte.gz"
+        folder / "t10k-images-idx3-ubyte.gz", folder / "t10k-labels-idx1-ubyte.gz", 10
     )
     return x_tr, y_tr, x_te, y_te
 
@@ -223,6 +223,24 @@ def _prepare(spec: OfficialDataset, folder: Path, verify: bool) -> bool:
     return True
 
 
+def _state(spec: OfficialDataset, folder: Path) -> str:
+    """What `folder` lacks, for the error when a dataset is not found."""
+    if not folder.is_dir():
+        return f"{folder} (no such folder)"
+    missing = [f.name for f in spec.files if not (folder / f.name).is_file()]
+    if not missing:  # pragma: no cover - _prepare returns True then
+        return f"{folder} (complete)"
+    text = f"{folder} lacks {', '.join(missing)}"
+    if spec.archive:
+        there = (folder / spec.archive.name).is_file()
+        text += (
+            f" (not in {spec.archive.name} either)"
+            if there
+            else (f" (and {spec.archive.name}, to extract them from)")
+        )
+    return text
+
+
 def _hint(spec: OfficialDataset) -> str:
     return f" (`lvat data download {spec.name}`)"
 
@@ -256,8 +274,9 @@ def locate(spec: OfficialDataset, root: str | Path = "", *, fetch: bool = True,
             problem = str(exc)
     wanted = ", ".join(f"{f.urls[0]}" for f in spec.downloads)
     apt = f" or `apt-get install {spec.apt_package}`," if spec.apt_package else ""
+    looked = "; ".join(_state(spec, folder) for folder in dirs)
     raise DatasetError(
-        f"{spec.name} not found; looked in {', '.join(map(str, dirs))}; {problem}. "
+        f"{spec.name} not found: {looked}; {problem}. "
         f"Download {wanted} into {target}{apt} or pass --root DIR where the files are "
         f"(see {spec.homepage})"
     )

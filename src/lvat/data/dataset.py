@@ -95,32 +95,98 @@ def _from_arrays(name: str, arrays, classes, source: str, flip: bool = False) ->
     return ImageDataset(name, list(classes), x_tr, y_tr, x_te, y_te, flip, source)
 
 
+def _first_missing(present: np.ndarray, k: int, n: int = 3) -> list[int]:
+    """The first `n` of 0..k-1 absent from the sorted unique labels `present`."""
+    out, j = [], 0
+    for i in range(k):
+        if len(out) == min(n, k - len(present)):
+            break
+        if j < len(present) and present[j] == i:
+            j += 1
+        else:
+            out.append(i)
+    return out
+
+
+def _check_classes(where: str, classes: list[str], labels: np.ndarray) -> None:
+    """Every class must have at least one image (train and test together)."""
+    present = np.unique(labels)
+    if len(present) == len(classes):
+        return
+    k = len(classes)
+    missing = _first_missing(present, k)
+    if [str(i) for i in range(k)] == classes:  # classes numbered by the labels (.npz)
+        raise DatasetError(
+            f"{where}: labels run 0..{k - 1} but {k - len(present)} of those {k} classes have no "
+            f"image (e.g. {', '.join(map(str, missing))}); labels must be 0..K-1 with every "
+            f"class present, so renumber them (e.g. np.unique(y, return_inverse=True)[1])"
+        )
+    names = ", ".join(classes[i] for i in missing)
+    raise DatasetError(
+        f"{where}: class folder(s) {names} hold no image; every class needs images: add some "
+        f"or remove the folder"
+    )
+
+
+def _check_sizes(where: str, arrays, pool: int | None) -> None:
+    """Both splits must hold images; `pool` is the single pool's size if there was one."""
+    if pool == 0 or not (len(arrays[0]) or len(arrays[2])):
+        raise DatasetError(f"{where}: no images (the dataset is empty)")
+    if pool is not None and not len(arrays[2]):
+        raise DatasetError(
+            f"{where}: {pool} images are too few for the {USER_TEST_FRACTION:.0%} test hold-out "
+            f"(a class needs 3 or more images to give one); add images or give separate "
+            f"train and test sets"
+        )
+    for split, x in (("training", arrays[0]), ("test", arrays[2])):
+        if not len(x):
+            raise DatasetError(f"{where}: no {split} images; both splits need images")
+
+
 def load_user_dataset(path: str | Path) -> ImageDataset:
     """A user's .npz file or image folder (with train/ and test/ inside, or one pool of classes).
 
     A single pool is split once, class-stratified with a fixed seed, into 80% train / 20% test.
+    An .npz's classes are its labels 0..K-1, where K - 1 is the largest label; every one of
+    0..K-1 must label at least one image (train and test together), so a stray label (1000
+    among 0..9) or 1-based labels are refused rather than making empty classes. Likewise every
+    class folder must hold an image. Both splits must be non-empty.
     """
     path = Path(path).expanduser()
     if path.suffix == ".npz" and path.is_file():
         a = formats.read_npz(path)
+        pool = None
         if "x" in a:
+            pool = len(a["x"])
             test = _stratified_holdout(a["y"], USER_TEST_FRACTION)
             arrays = (a["x"][~test], a["y"][~test], a["x"][test], a["y"][test])
         else:
             arrays = (a["x_train"], a["y_train"], a["x_test"], a["y_test"])
+        _check_sizes(str(path), arrays, pool)
         k = int(max(arrays[1].max(initial=0), arrays[3].max(initial=0))) + 1
-        return _from_arrays(path.stem, arrays, [str(i) for i in range(k)], str(path))
+        classes = [str(i) for i in range(k)]
+        _check_classes(str(path), classes, np.concatenate([arrays[1], arrays[3]]))
+        return _from_arrays(path.stem, arrays, classes, str(path))
     if path.is_dir():
+        pool = None
         if (path / "train").is_dir() and (path / "test").is_dir():
             x_tr, y_tr, classes = formats.read_image_folder(path / "train")
             x_te, y_te, test_classes = formats.read_image_folder(path / "test")
             if test_classes != classes:
                 raise DatasetError(f"{path}: train/ and test/ have different class folders")
+            if x_tr.shape[1:] != x_te.shape[1:]:
+                raise DatasetError(
+                    f"{path}: train/ images are {x_tr.shape[1:]} (C, H, W) but test/ images are "
+                    f"{x_te.shape[1:]}; resize all to one size"
+                )
             arrays = (x_tr, y_tr, x_te, y_te)
         else:
             x, y, classes = formats.read_image_folder(path)
+            pool = len(x)
             test = _stratified_holdout(y, USER_TEST_FRACTION)
             arrays = (x[~test], y[~test], x[test], y[test])
+        _check_sizes(str(path), arrays, pool)
+        _check_classes(str(path), classes, np.concatenate([arrays[1], arrays[3]]))
         return _from_arrays(path.name, arrays, classes, str(path))
     raise DatasetError(
         f"unknown dataset '{path}': use one of {', '.join(DATASETS)}, an existing .npz file or "
