@@ -61,6 +61,20 @@ format: $(STAMP)
 test: lint fashion-mnist
 	LVAT_REQUIRE_DATA=1 $(BIN)/python -m pytest
 
+# The float comparisons (tests marked `numerics`) again under other CPU code paths of this
+# machine: ATen's kernel level, oneDNN's instruction set cap and MKL's code branch each change the
+# last bits of results, as another CPU model would. A tolerance tuned to one CPU fails here.
+# About 2 minutes on 2 cores. .ci/run runs it after make test.
+NUMERICS_LEGS := "ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_CBWR=AVX2" \
+                 "ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 MKL_CBWR=COMPATIBLE OMP_NUM_THREADS=1"
+.PHONY: test-numerics
+test-numerics: fashion-mnist
+	@for leg in $(NUMERICS_LEGS); do \
+	  echo "== numerics leg: $$leg"; \
+	  env $$leg $(BIN)/python -c 'import json; from lvat.environment import cpu_code_path; print(json.dumps(cpu_code_path()))' && \
+	  env $$leg LVAT_REQUIRE_DATA=1 $(BIN)/python -m pytest -m numerics -p no:cacheprovider || exit 1; \
+	done
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
 

@@ -35,6 +35,13 @@ def cnn(channels: int = 2, classes: int = 3, bn: bool = True, p: float = 0.0) ->
     return nn.Sequential(*layers)
 
 
+# A finite-difference probe well above float32 rounding, for tests of what r is (its norm, its
+# structure, that it is non-zero). At the authors' xi = 1e-6 a float32 probe is at rounding
+# level: on some CPUs (kernel paths) p(x + xi*d) == p(x) bit for bit for a sample, its g is
+# exactly 0 and so is its r. That is the method's float32 behaviour, not what these tests check.
+XI = 1e-3
+
+
 def sample_norms(t: Tensor) -> Tensor:
     """Per-sample L2 norm over all non-batch elements, (B,)."""
     return torch.linalg.vector_norm(t.reshape(t.shape[0], -1).double(), dim=1)

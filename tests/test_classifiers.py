@@ -9,6 +9,8 @@ from torch import nn
 from lvat.models import CLASSIFIERS, ConvLarge, ConvSmall, build_classifier, register_classifier
 from lvat.models.classifiers import CONV_SMALL_WIDTHS
 
+pytestmark = pytest.mark.numerics
+
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:
@@ -189,6 +191,8 @@ def test_batchnorm_running_stats_update_in_train_and_are_used_in_eval() -> None:
     after = model(x[:1])
     assert not torch.allclose(after, before)  # eval normalises with the updated running stats
     # ... and not with batch statistics: sample 0's logits ignore the rest of the batch.
+    # Other batch shapes may take other conv kernels (another summation order): float32
+    # rounding, ~1e-6 of the logits after 9 layers; batch statistics would move them by O(1).
     others = torch.cat([x[:1], torch.rand(5, 1, 28, 28) * 3])
-    torch.testing.assert_close(model(others)[:1], after)
-    torch.testing.assert_close(model(x)[:1], after)
+    torch.testing.assert_close(model(others)[:1], after, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(model(x)[:1], after, rtol=1e-4, atol=1e-4)

@@ -5,10 +5,21 @@ global batch and BatchNorm normalises it with its own batch statistics. A single
 the full batch would use other statistics, so the reference is a single process that emulates
 exactly that split: the two half-batches from the two ranks' seeded streams, each through its own
 BN pass, the loss averaged (= the gradient average the all_reduce computes). With dropout 0 and
-no augmentation nothing else is random, so the runs differ only by float summation order
-(all_reduce vs autograd's sum): observed 1e-7 on weights; we allow 1e-5 on losses (the JSON
-keeps 6 decimals) and 1e-4 on weights (Adam's first steps are lr * sign(g), so a rounding-level
-gradient entry can move a weight by up to 2 lr = 2e-3 in principle; far from it in practice).
+no augmentation nothing else is random, so the runs are the same function in exact arithmetic and
+differ only by float32 summation order (all_reduce vs autograd's sum; thread counts and kernels
+differ between the workers and this process, and between CPUs). The images are noise everywhere
+(`noisy_data`): a constant region (the toy data's saturated blob) makes equal values in
+max-pooling windows, a kink where rounding decides which input gets the gradient, and one such
+tie moves a whole channel's gradient by O(1) between kernels.
+
+Tolerances, from that: a gradient entry differs by ~1e-6 of its tensor's largest entry or less
+(float32 sums of <= 1e4 products, random-walk rounding sqrt(n) * 6e-8). Losses are smooth
+functions of the weights, so they agree to ~1e-6; we allow 1e-5 (the JSON keeps 6 decimals).
+Adam is not smooth at g = 0: its first updates are lr * g / (|g| + 1e-8) ~ lr * sign(g), so an
+entry whose gradient is within rounding of zero may move by up to lr in either run at every step.
+Such entries are excluded (|g| < 1e-3 of the tensor's max at any step, measured in the emulation,
+where noise is at most 1e-3 of |g|); for every other entry Adam's update changes by at most
+lr * noise / |g| <= 1e-3 * lr per step, so weights agree to 1e-4 with a wide margin.
 """
 
 from __future__ import annotations
@@ -19,6 +30,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -34,6 +46,20 @@ from lvat.train.setup import build_model
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
+@pytest.fixture(scope="module")
+def noisy_data(tmp_path_factory) -> Path:
+    """Like conftest's toy_data, but the blob is noisy too: no constant region anywhere, so
+    equal 3x3 neighbourhoods (pooling ties) have probability ~64^-9."""
+    rng = np.random.default_rng(0)
+    y = np.arange(250) % 10
+    x = rng.integers(0, 64, (250, 16, 16)).astype(np.uint8)
+    for i, c in enumerate(y):
+        x[i, c : c + 4, 2:8] += 180
+    path = tmp_path_factory.mktemp("data") / "noisy.npz"
+    np.savez(path, x_train=x[:200], y_train=y[:200], x_test=x[200:], y_test=y[200:])
+    return path
+
+
 def _flags(data: Path, **kw) -> list[str]:
     return tiny_run_flags(data, **{"train.log_every": 1, **kw})
 
@@ -44,8 +70,14 @@ def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return proc
 
 
-def _emulate(run: Path, steps: int) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """One process doing what 2 ranks do: per-rank half batches, per-half BN, mean loss."""
+def _emulate(
+    run: Path, steps: int
+) -> tuple[list[float], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """One process doing what 2 ranks do: per-rank half batches, per-half BN, mean loss.
+
+    Returns the losses, the final weights and, per parameter, a mask of the entries whose
+    gradient was resolvable at every step (|g| >= 1e-3 of the tensor's max |g|).
+    """
     cfg = load_config(Config, run / "config.toml")
     dataset = load_from_config(cfg.data)
     split = Split.load(run / "split.json")
@@ -59,20 +91,24 @@ def _emulate(run: Path, steps: int) -> tuple[list[float], dict[str, torch.Tensor
         for r in (0, 1)
     ]  # fmt: skip
     losses = []
+    resolvable = {k: torch.ones_like(p, dtype=torch.bool) for k, p in model.named_parameters()}
     for step in range(steps):
         schedule.apply(opt, *schedule.lr_and_beta1(step, tc))
         halves = [s.next() for s in streams]
         loss = sum(F.cross_entropy(model(b.x_labeled), b.y_labeled) for b in halves) / 2
         opt.zero_grad()
         loss.backward()
+        for k, p in model.named_parameters():
+            resolvable[k] &= p.grad.abs() >= 1e-3 * p.grad.abs().max()
         opt.step()
         losses.append(loss.item())
-    return losses, model.state_dict()
+    return losses, model.state_dict(), resolvable
 
 
-def test_torchrun_2_processes_match_a_single_process_emulating_the_split(toy_data, tmp_path):
+@pytest.mark.numerics
+def test_torchrun_2_processes_match_a_single_process_emulating_the_split(noisy_data, tmp_path):
     out = tmp_path / "ddp"
-    flags = _flags(toy_data, **{"method.name": "sup", "model.dropout": 0.0, "out": out})
+    flags = _flags(noisy_data, **{"method.name": "sup", "model.dropout": 0.0, "out": out})
     proc = _run([*TORCHRUN, "-m", "lvat", "train", *flags], tmp_path)
     assert proc.stdout.count("test error") == 1  # one summary line for the whole job
     # Rank 0 alone writes the run folder: every file once, one metrics row per step.
@@ -92,11 +128,12 @@ def test_torchrun_2_processes_match_a_single_process_emulating_the_split(toy_dat
         state["ranks"][1]["batches"]["unlabeled"]["order"],
     )
 
-    losses, weights = _emulate(out, 6)
+    losses, weights, resolvable = _emulate(out, 6)
     assert [r["loss"] for r in rows] == pytest.approx(losses, abs=1e-5)
-    for k, v in weights.items():
-        if "running" not in k and "num_batches" not in k:
-            torch.testing.assert_close(state["model"][k], v, atol=1e-4, rtol=0, msg=k)
+    excluded = sum(int((~m).sum()) for m in resolvable.values())
+    assert excluded < 0.05 * sum(m.numel() for m in resolvable.values())  # the check stays wide
+    for k, ok in resolvable.items():
+        torch.testing.assert_close(state["model"][k][ok], weights[k][ok], atol=1e-4, rtol=0, msg=k)
     # The tolerance separates: one BN pass over the whole global batch gives another loss.
     cfg = load_config(Config, out / "config.toml")
     torch.manual_seed(cfg.seed)

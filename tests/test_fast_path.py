@@ -18,7 +18,7 @@ from lvat.regularizers.common import full_precision, no_tf32_convs
 from lvat.train import fast, train
 from lvat.train.step import STATS, train_step
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.numerics]
 
 
 def _images(n: int = 12, c: int = 1, size: int = 16, seed: int = 0) -> torch.Tensor:
@@ -102,7 +102,9 @@ def test_the_amp_step_runs_classifier_passes_in_bf16_and_probe_passes_in_float32
 
 
 def test_a_bf16_training_run_on_cpu_stays_finite(toy_data, tmp_path):
-    cfg = load_config(Config, None, _flags(toy_data, tmp_path / "amp", **{"train.amp": "bf16"}))
+    # xi = 1e-3: adv_l2 is eps only if no sample's float32 probe rounds away (see _reg_helpers.XI).
+    amp = {"train.amp": "bf16", "method.xi": 1e-3}
+    cfg = load_config(Config, None, _flags(toy_data, tmp_path / "amp", **amp))
     res = train(cfg)
     assert res["amp"] == "bfloat16"
     rows = read_jsonl(tmp_path / "amp" / "metrics.jsonl")
@@ -124,7 +126,7 @@ def test_channels_last_gives_the_same_logits_and_gradients():
     assert ((g_nhwc - g_dense).norm() / g_dense.norm()).item() < 1e-2
 
 
-def test_cached_latents_give_the_same_lvat_loss_as_encoding_every_step():
+def test_cached_latents_are_the_encoded_images_and_give_the_uncached_loss():
     torch.manual_seed(0)
     vae = VAE(in_channels=1, image_size=16, latent_dim=8)  # eval-mode encode: deterministic
     reg, model = LVAT(vae, eps=1.5), _classifier()
@@ -133,18 +135,38 @@ def test_cached_latents_give_the_same_lvat_loss_as_encoding_every_step():
     assert len(cache) == 30 and cache.nbytes == 30 * 8 * 4
     idx = torch.tensor([3, 17, 0, 29, 11, 5])
     x = pool[idx].float() / 255
+    with torch.no_grad():
+        z = vae.eval().encode(x)
+    # 1. The cache holds encode(x) of the right images. Encoded in batches of 7 rather than 6,
+    # the conv and matmul kernels may sum in another order: float32, <= 8192 products per
+    # output, a few 1e-7 relative at most in practice; 1e-5 still tells any two images apart.
+    torch.testing.assert_close(cache.lookup(idx), z, rtol=1e-5, atol=1e-5)
+    # 2. Given the same latent, LVAT computes the same thing whether it encodes x itself or is
+    # handed z: the same operations on the same shapes and RNG state, so bit for bit. (Comparing
+    # losses from the two slightly different z would test rounding noise: at xi = 1e-6 the power
+    # iteration's direction amplifies a 1e-7 change of z into a visible change of the loss.)
     torch.manual_seed(2)
     loss, stats = reg.loss_and_stats(model, x)
     torch.manual_seed(2)
-    cached, cstats = reg.loss_and_stats(model, x, z=cache.lookup(idx))
-    torch.testing.assert_close(cached, loss, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(cstats["adv_l2"], stats["adv_l2"], atol=1e-5, rtol=1e-5)
+    given, gstats = reg.loss_and_stats(model, x, z=z)
+    assert torch.equal(given, loss)
+    assert all(torch.equal(gstats[k], stats[k]) for k in stats)
 
 
 def test_a_cached_lvat_run_matches_an_uncached_one_and_augmentation_is_refused(
     toy_data, vae_path, tmp_path, capsys
 ):
-    lvat = {"method.name": "lvat", "method.transformer": str(vae_path), "method.eps": 1.0}
+    # The cache encodes 200 images at once, the plain run each step's 16: z differs by float32
+    # rounding (~1e-7). At the authors' xi = 1e-6 the power iteration may amplify that into a
+    # visible change of the direction; at xi = 0.1 the direction is a smooth function of z and
+    # moves by ~1e-7 / 0.1 relative, so the KL moves by < 1e-6. Reading the wrong latents (a
+    # wiring bug: the batch's latents in reverse order) moves the first step's loss by 2e-4.
+    lvat = {
+        "method.name": "lvat",
+        "method.transformer": str(vae_path),
+        "method.eps": 1.0,
+        "method.xi": 0.1,
+    }
     plain = load_config(Config, None, _flags(toy_data, tmp_path / "plain", **lvat))
     cached = load_config(
         Config, None, _flags(toy_data, tmp_path / "cached", **lvat, **{"train.cache_latents": 1})
@@ -153,11 +175,14 @@ def test_a_cached_lvat_run_matches_an_uncached_one_and_augmentation_is_refused(
     res = train(cached)
     assert "cache_latents: 200 latents" in capsys.readouterr().err
     assert res["latent_cache_mib"] >= 0
-    for a, b in zip(
-        *(read_jsonl(tmp_path / r / "metrics.jsonl") for r in ("plain", "cached")), strict=True
-    ):
-        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
-        assert b["kl"] == pytest.approx(a["kl"], abs=1e-5)
+    plain, cached = (read_jsonl(tmp_path / r / "metrics.jsonl") for r in ("plain", "cached"))
+    assert cached[0]["loss"] == pytest.approx(plain[0]["loss"], abs=1e-5)
+    assert cached[0]["kl"] == pytest.approx(plain[0]["kl"], abs=1e-5)
+    # Later steps: Adam turns rounding-level gradient entries into +-lr updates (lr * sign g),
+    # which move the loss only to second order (those entries have ~zero gradient); 1e-4.
+    for a, b in zip(plain, cached, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-4)
+        assert b["kl"] == pytest.approx(a["kl"], abs=1e-4)
 
     aug = _flags(toy_data, tmp_path / "aug", **lvat, **{"train.cache_latents": 1})
     with pytest.raises(ConfigError, match="cache_latents needs data.augment = false"):

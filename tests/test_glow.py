@@ -12,6 +12,8 @@ from test_flows import randomize_
 from lvat.models.flows import ActNorm
 from lvat.models.glow import Glow, floor_ste, glow_loss, nonfinite_decode_rate
 
+pytestmark = pytest.mark.numerics
+
 TINY = dict(in_channels=3, image_size=8, n_levels=2, n_steps=2, width=16)
 
 

@@ -12,6 +12,8 @@ from torch.distributions import Normal, kl_divergence
 from lvat.models.glow import nonfinite_decode_rate
 from lvat.models.vae import VAE, recon_mse, vae_loss
 
+pytestmark = pytest.mark.numerics
+
 
 def blobs(n: int, channels: int = 3, size: int = 16) -> torch.Tensor:
     """Smooth, learnable images in [0, 1]: one Gaussian blob per image at a random place."""
