@@ -49,16 +49,16 @@ def _cmd_config(args: argparse.Namespace, rest: Sequence[str]) -> int:
 def _cmd_train(args: argparse.Namespace, rest: Sequence[str]) -> int:
     from pathlib import Path
 
-    from lvat.config import Config, from_dict, load_config
-    from lvat.config.core import _merge, parse_overrides
+    from lvat.config import Config, load_config
+    from lvat.config.core import resume_config
     from lvat.train import checkpoint, train
 
     if args.resume:
         if args.config:
             raise LvatError("--resume RUN_DIR takes its config from the run; drop --config")
-        saved = checkpoint.load(Path(args.resume) / checkpoint.CHECKPOINT)["config"]
-        cfg = from_dict(Config, _merge(saved, parse_overrides(rest, Config)))
-        cfg.out = args.resume
+        path = Path(args.resume) / checkpoint.CHECKPOINT
+        state = checkpoint.load_training(path, checkpoint.RESUME_KEYS)
+        cfg = resume_config(Config, dict(state["config"]), rest, args.resume)
     else:
         cfg = load_config(Config, args.config, rest)
     from lvat.train.distributed import finish_worker
@@ -366,6 +366,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(exc: BaseException) -> str:
+    """An error's message on one line (messages that quote a file or torch may hold newlines)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `lvat` console script."""
     parser = build_parser()
@@ -377,8 +382,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return func(args)
-    except LvatError as exc:
-        print(f"lvat: error: {exc}", file=sys.stderr)
+    except LvatError as exc:  # input, not a bug: one line that says what to do, no traceback
+        print(f"lvat: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lvat: interrupted", file=sys.stderr)

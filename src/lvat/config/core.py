@@ -203,13 +203,50 @@ def all_keys(cls: type, prefix: str = "") -> dict[str, tuple[Any, dataclasses.Fi
     return out
 
 
-def _unknown_key(key: str, known: Sequence[str]) -> ConfigError:
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    section = key.rsplit(".", 1)[0] + "." if "." in key else ""
-    siblings = [k for k in known if k.startswith(section) and "." not in k[len(section) :]]
-    where = f" in [{section[:-1]}]" if section else ""
-    return ConfigError(f"unknown key '{key}'{hint}; allowed{where}: {', '.join(sorted(siblings))}")
+def _close(word: str, choices: Sequence[str]) -> str | None:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def _unknown_key(cls: type, key: str, prefix: str = "", table: bool = False) -> ConfigError:
+    """The one-line error for `key` unknown under `cls` (the section at `prefix`).
+
+    An unknown section is named as such with the closest section; an unknown leaf gets the
+    closest key of its section (or the same name in another section), and the allowed names are
+    listed once each, sorted. `table`: the value is a table (a `[section]` of a file).
+    """
+    parts = key[len(prefix) :].split(".")
+    node = cls
+    for part in parts[:-1]:  # walk down the sections that exist
+        tp = _hints(node).get(part)
+        if not _is_section(tp):
+            break
+        node, prefix = tp, f"{prefix}{part}."
+    bad = key[len(prefix) :].split(".")[0]
+    hints = _hints(node)
+    names = [f.name for f in dataclasses.fields(node)]
+    sections = sorted(n for n in names if _is_section(hints[n]))
+    leaves = sorted(n for n in names if not _is_section(hints[n]))
+    where = f" in [{prefix[:-1]}]" if prefix else ""
+    if "." in key[len(prefix) :] or (table and sections):
+        close = _close(bad, sections)
+        hint = f" (did you mean '{prefix}{close}'?)" if close else ""
+        allowed = f"; allowed sections{where}: {', '.join(sections)}" if sections else ""
+        scalars = f"; keys{where}: {', '.join(leaves)}" if leaves else ""
+        return ConfigError(
+            f"unknown key '{key}': unknown section '{prefix}{bad}'{hint}{allowed}{scalars}"
+        )
+    close = _close(bad, leaves)
+    if close is None and not prefix:
+        close = _close(bad, sections)
+    if close is not None:
+        hint = f" (did you mean '{prefix}{close}'?)"
+    else:  # the same name in another section, e.g. --data.steps -> train.steps
+        elsewhere = sorted(k for k in all_keys(cls) if k.rsplit(".", 1)[-1] == bad)
+        hint = f" (did you mean '{elsewhere[0]}'?)" if elsewhere else ""
+    allowed = leaves if prefix else sorted(names)
+    what = f"allowed{where}" if prefix else "allowed top-level keys and sections"
+    return ConfigError(f"unknown key '{key}'{hint}; {what}: {', '.join(allowed)}")
 
 
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
@@ -218,12 +255,11 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         raise ConfigError(f"{prefix[:-1] or 'config'}: expected a table of keys, got {data!r}")
     hints = _hints(cls)
     names = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    known = list(all_keys(cls, prefix))
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         key = f"{prefix}{name}"
         if name not in names:
-            raise _unknown_key(key, known + [k.rsplit(".", 1)[0] for k in known])
+            raise _unknown_key(cls, key, prefix, table=isinstance(value, dict))
         tp = hints[name]
         if _is_section(tp):
             kwargs[name] = from_dict(tp, value, f"{key}.")
@@ -253,7 +289,7 @@ def parse_overrides(args: Sequence[str], cls: type) -> dict[str, Any]:
         key, eq, value = arg[2:].partition("=")
         key = key.replace("-", "_")
         if key not in known:
-            raise _unknown_key(key, list(known))
+            raise _unknown_key(cls, key)
         if not eq:
             tp = known[key][0]
             nxt = args[i + 1] if i + 1 < len(args) else None
@@ -296,20 +332,33 @@ def read_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {path}")
     if path.resolve() in _seen:
         raise ConfigError(f"{path}: `extends` loops back to itself")
-    text = path.read_text(encoding="utf-8")
+    formats = {".toml": "TOML", ".yaml": "YAML", ".yml": "YAML"}
+    if path.suffix not in formats:
+        raise ConfigError(f"{path}: unknown config format; use .toml, .yaml or .yml")
+    fmt = formats[path.suffix]
     try:
-        if path.suffix in (".yaml", ".yml"):
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not a UTF-8 {fmt} file (byte {exc.start} is {raw[exc.start]:#04x}); "
+            f"save it as UTF-8 text"
+        ) from None
+    if "\x00" in text:
+        raise ConfigError(f"{path}: not a UTF-8 {fmt} file (it holds NUL bytes); is it binary?")
+    try:
+        if fmt == "YAML":
             import yaml
 
             data = yaml.safe_load(text) or {}
-        elif path.suffix == ".toml":
-            data = tomllib.loads(text)
         else:
-            raise ConfigError(f"{path}: unknown config format; use .toml, .yaml or .yml")
-    except ConfigError:
-        raise
+            data = tomllib.loads(text)
     except Exception as exc:  # parser errors: keep their line/column, on one line
-        raise ConfigError(f"{path}: cannot parse: {' '.join(str(exc).split())}") from None
+        msg = " ".join(str(exc).split())[:300]
+        raise ConfigError(f"{path}: cannot parse as {fmt}: {msg}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a table of keys")
     base = data.pop("extends", None)
@@ -389,3 +438,54 @@ def _owner(cls: type, key: str) -> type:
     for part in key.split(".")[:-1]:
         cls = _hints(cls)[part]
     return cls
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _fixed(key: str, patterns: Sequence[str]) -> bool:
+    return any(key == p or (p.endswith(".*") and key.startswith(p[:-1])) for p in patterns)
+
+
+def check_resume(saved: Any, cfg: Any, run: str = "the run") -> None:
+    """Raise a one-line ConfigError if `cfg` changes a key that a resumed run must keep.
+
+    The keys are the class's `RESUME_FIXED` (for `Config`: the model, the split and image shape,
+    the method and the seed); a pattern `section.*` covers a whole section. Everything else
+    (lr, steps, evaluation, logging, checkpointing, device, ...) may change on resume.
+    """
+    patterns = getattr(type(cfg), "RESUME_FIXED", ())
+    old, new = _flatten(to_dict(saved)), _flatten(to_dict(cfg))
+    changed = [k for k in old if _fixed(k, patterns) and old[k] != new.get(k)]
+    if changed:
+        what = ", ".join(f"{k} ({old[k]!r} -> {new.get(k)!r})" for k in changed)
+        raise ConfigError(
+            f"cannot resume {run} with {what}: these keys are fixed on resume: "
+            f"{', '.join(patterns)} (lr, steps, evaluation, logging and checkpoint keys may "
+            "change); start a new run in another --out instead"
+        )
+
+
+def resume_config(cls: type[T], saved: dict[str, Any], overrides: Sequence[str], out: str) -> T:
+    """The config of a resumed run: the one `saved` in its checkpoint, with `overrides` (flags)
+    on top and `out` = the run folder; a flag that changes a `RESUME_FIXED` key is refused."""
+    flags = parse_overrides(overrides, cls)  # a bad flag is the user's: report it as is
+    if "out" in flags and Path(str(flags["out"])) != Path(out):
+        raise ConfigError(f"--out: a resumed run stays in its folder {out}; drop --out")
+    try:
+        old = from_dict(cls, saved)
+    except ConfigError as exc:
+        raise ConfigError(
+            f"{out}: the config saved in its checkpoint is not valid for this lvat ({exc}); was "
+            "it written by another version or edited?"
+        ) from None
+    new = from_dict(cls, _merge(saved, flags))
+    check_resume(old, new, out)
+    return dataclasses.replace(new, out=str(out))  # type: ignore[type-var]

@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from lvat.config.core import option
+from lvat.errors import ConfigError
+
+# What `--resume` cannot change: what the saved weights, optimizer state and split were made for
+# (architecture, image shape, dataset and split, method, seed). The rest - lr, steps, eps, batch
+# sizes, evaluation, logging, checkpointing, device, fast-path switches - may change.
+_SPLIT_KEYS = ("data.num_labeled", "data.num_validation", "data.split_seed", "data.split_file")
+_FIT_FIXED = ("data.name", "data.pad_to", "model.*", "seed")
 
 
 @dataclass
@@ -147,6 +154,44 @@ class Config:
     out: str = "runs/default"
     """Run folder: config, split, metrics, checkpoints and results are written here."""
 
+    RESUME_FIXED: ClassVar[tuple[str, ...]] = (
+        "data.name",
+        "data.pad_to",
+        *_SPLIT_KEYS,
+        "model.*",
+        "method.name",
+        "seed",
+    )
+
+    def __post_init__(self) -> None:
+        _check_labels(self.data)
+
+
+def _check_labels(data: DataConfig) -> None:
+    """Every method's cross-entropy needs labeled images, and the split draws them
+    class-balanced: refuse at config time what `make_split` or the batches would refuse later."""
+    if data.split_file:  # the split file decides; it is checked against the dataset
+        return
+    if data.num_labeled == 0:
+        raise ConfigError(
+            "data.num_labeled = 0: every method (sup, vat, lvat) needs labeled images for its "
+            "cross-entropy; give a multiple of the class count (e.g. 100 for 10 classes), or -1 "
+            "to label every training image"
+        )
+    from lvat.data.catalog import DATASETS  # official datasets: the class count is known now
+
+    official = DATASETS.get(data.name.lower())
+    if official is None:  # a user's .npz or folder: make_split checks once it is read
+        return
+    k = len(official.classes)
+    for what, n in (("num_labeled", data.num_labeled), ("num_validation", data.num_validation)):
+        if n > 0 and n % k:
+            up = k * -(-n // k)
+            raise ConfigError(
+                f"data.{what} = {n}: {data.name} has {k} classes and the split is "
+                f"class-balanced; use a multiple of {k} (e.g. {up})"
+            )
+
 
 # ---------------------------------------------------------------------------------------------
 # `lvat fit vae|glow`: training the generative transformers (SPEC section 2).
@@ -270,6 +315,8 @@ class VAEFitConfig:
     """Run folder (config, metrics, PNG grids, checkpoint.pt, results.json); empty =
     runs/fit/DATASET-vae."""
 
+    RESUME_FIXED: ClassVar[tuple[str, ...]] = _FIT_FIXED
+
 
 @dataclass
 class GlowModelConfig:
@@ -332,3 +379,5 @@ class GlowFitConfig:
     out: str = ""
     """Run folder (config, metrics, PNG grids, checkpoint.pt, results.json); empty =
     runs/fit/DATASET-glow."""
+
+    RESUME_FIXED: ClassVar[tuple[str, ...]] = _FIT_FIXED

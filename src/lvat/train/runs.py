@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lvat.config import Config, from_dict
+from lvat.config import Config
 from lvat.data import ImageDataset, Split, load_from_config
 from lvat.data.prepare import SPLIT_FILE
 from lvat.errors import LvatError
@@ -35,14 +35,16 @@ def load_run(path: str | Path, device: str | None = None) -> Run:
     path = Path(path)
     if not path.is_dir():
         raise LvatError(f"run folder not found: {path}")
-    state = checkpoint.load(path / checkpoint.CHECKPOINT)
-    cfg = from_dict(Config, state["config"])
+    ckpt = path / checkpoint.CHECKPOINT
+    state = checkpoint.load_training(ckpt)  # a fit run, {} or a foreign dict: one line, here
+    cfg: Config = checkpoint.saved_config(state, ckpt)
     dev = resolve_device(device or cfg.device)
     dataset = load_from_config(cfg.data)
     split = Split.load(path / SPLIT_FILE)
     split.check(dataset.fingerprint, len(dataset.x_train), where=str(path / SPLIT_FILE))
     model = build_model(cfg, dataset)
-    model.load_state_dict(state["model"])
+    what = f"the {cfg.model.name} classifier of its config for {dataset.name}"
+    checkpoint.load_model_state(model, state["model"], ckpt, what)
     return Run(path, cfg, dataset, split, model.to(dev).eval(), int(state["step"]), dev)
 
 

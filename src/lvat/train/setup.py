@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -57,6 +59,13 @@ def build_regularizer(cfg: MethodConfig, device: torch.device) -> VAT | LVAT | N
     if not cfg.transformer:
         raise ConfigError(
             "method.transformer: LVAT needs a trained VAE or Glow checkpoint (see `lvat fit`)"
+        )
+    folder = Path(cfg.transformer)
+    if folder.is_dir():  # an `lvat fit` run folder instead of its checkpoint
+        inside = folder / "checkpoint.pt"
+        hint = f": --method.transformer {inside}" if inside.is_file() else " from `lvat fit`"
+        raise ConfigError(
+            f"method.transformer: {folder} is a folder; give the VAE/Glow checkpoint file{hint}"
         )
     from lvat.models.transformers import load_transformer
 
