@@ -7,6 +7,7 @@ weights-only (`torch.load(weights_only=True)`): a checkpoint cannot run code.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +48,13 @@ def load_transformer(path: str | Path, device: torch.device | str = "cpu") -> nn
     if not path.is_file():
         raise LvatError(f"transformer checkpoint not found: {path} (train one with `lvat fit`)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's pickle-protocol warning: keep stderr one line
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        msg = " ".join(str(exc).split())[:300]
-        raise LvatError(f"{path}: not a readable transformer checkpoint ({msg})") from None
+        from lvat.train.checkpoint import load_error  # lvat.train imports lvat.models
+
+        raise load_error(path, exc) from None
     if not isinstance(ckpt, dict) or ckpt.get("kind") not in TRANSFORMERS:
         raise LvatError(f"{path}: not a transformer checkpoint (no kind vae/glow inside)")
     try:
