@@ -136,6 +136,22 @@ def _cmd_figures(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_diagnose(args: argparse.Namespace) -> int:
+    from lvat.analysis.directions import diagnose_run, summary_line
+
+    info = diagnose_run(
+        args.run_dir,
+        images=args.images,
+        batch_size=args.batch_size,
+        reference_iterations=args.reference_iterations,
+        seed=args.seed,
+        device=args.device,
+    )
+    print(summary_line(info))
+    print(f"wrote {info['files']['json']}, {info['files']['png']} and {info['files']['pdf']}")
+    return 0
+
+
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from lvat.experiments.sweep import parse_shard, sweep
 
@@ -304,6 +320,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fig.add_argument("--device", default=None, help="device (default: the run's)")
     fig.set_defaults(func=_cmd_figures)
+    diag = sub.add_parser(
+        "diagnose",
+        help="how close a VAT/LVAT run's perturbation direction is to what the method means",
+        description="Per test image, the cosine of the run's direction with the same "
+        "computation in float64, with the top eigenvector of the curvature (exact float64 "
+        "power iteration), float64 finite difference vs exact, and (LVAT) the first-order "
+        "term. Writes RUN_DIR/diagnostics/directions.{json,png,pdf}; see docs/numerics.md.",
+    )
+    diag.add_argument("run_dir", help="a VAT or LVAT run folder written by `lvat train`")
+    diag.add_argument("--images", type=int, default=256, metavar="N", help="test images (256)")
+    diag.add_argument(
+        "--batch-size", type=int, metavar="B", help="default: the run's batch_unlabeled"
+    )
+    diag.add_argument(
+        "--reference-iterations",
+        type=int,
+        default=30,
+        metavar="K",
+        help="exact float64 products for the top eigenvector (30)",
+    )
+    diag.add_argument("--seed", type=int, default=0, help="seed for images and the random d")
+    diag.add_argument("--device", default=None, help="device (default: the run's)")
+    diag.set_defaults(func=_cmd_diagnose)
     bench = sub.add_parser(
         "bench",
         help="time training steps of sup, VAT, LVAT-VAE, LVAT-Glow against a naive port",

@@ -76,6 +76,10 @@ class MethodConfig:
     """Finite-difference step of the power iteration (authors' code: 1e-6 in both spaces)."""
     power_iterations: int = option(1, ge=1)
     """Power iterations for the adversarial direction (1 suffices, Miyato et al.)."""
+    power_method: Literal["finite-difference", "exact"] = "finite-difference"
+    """How the power iteration multiplies by the curvature: finite-difference (the authors': a
+    probe of norm xi, in float32) or exact (Fisher-vector products by forward-mode AD, no xi;
+    docs/numerics.md)."""
     alpha: float = option(1.0, ge=0.0)
     """Weight of the consistency cost in the loss (paper: 1)."""
     entropy_weight: float = option(0.0, ge=0.0)

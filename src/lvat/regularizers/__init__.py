@@ -9,6 +9,7 @@ Each regularizer is a thin class over pure functions (`common.py`, `vat.py`, `lv
 """
 
 from lvat.regularizers.common import (
+    POWER_METHODS,
     RngSnapshot,
     entropy,
     frozen_bn_stats,
@@ -19,11 +20,13 @@ from lvat.regularizers.common import (
     normalize_joint,
     power_iteration,
 )
+from lvat.regularizers.exact import exact_power_iteration, fisher_vector_product
 from lvat.regularizers.lvat import LATENT_GROUPS, LVAT, Latent, Transformer
 from lvat.regularizers.vat import VAT, VirtualAdversarial, virtual_adversarial
 
 __all__ = [
     "LATENT_GROUPS",
+    "POWER_METHODS",
     "LVAT",
     "VAT",
     "Latent",
@@ -31,6 +34,8 @@ __all__ = [
     "Transformer",
     "VirtualAdversarial",
     "entropy",
+    "exact_power_iteration",
+    "fisher_vector_product",
     "frozen_bn_stats",
     "full_precision",
     "kl_divergence",

@@ -6,6 +6,7 @@ Everything here is independent of the classifier, the transformer, datasets and 
   `get_normalized_vector`).
 - `kl_divergence`, `entropy`: consistency cost and VAT+Ent term from logits, in float32 or float64.
 - `power_iteration`: the gradient g of Algorithms 1/2, w.r.t. the perturbation d only.
+- `zero_direction`: the fraction of samples whose perturbation r = eps * normalize(g) vanished.
 - `frozen_bn_stats`: unlabeled passes use batch statistics but never update running statistics.
 - `full_precision`: no autocast and no TF32 inside, for the finite-difference probe passes.
 - `RngSnapshot`: lets every unlabeled pass of one call draw the same dropout masks.
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 __all__ = [
+    "POWER_METHODS",
     "RngSnapshot",
     "check_hparams",
     "entropy",
@@ -35,11 +37,16 @@ __all__ = [
     "normalize_joint",
     "perturbation_dtype",
     "power_iteration",
+    "zero_direction",
 ]
 
 # Constants of the authors' `get_normalized_vector` (vat_tf vat.py); they are part of the method:
 # r = eps * normalize(g) has norm eps * s / sqrt(1e-6 + s^2) with s = ||g / max|g|||, i.e. just
 # under eps (relative shortfall ~5e-7 / s^2, s >= 1).
+# How the power iteration multiplies by the curvature: the authors' finite difference, or exact
+# Fisher-vector products (`lvat.regularizers.exact`).
+POWER_METHODS = ("finite-difference", "exact")
+
 _MAX_EPS = 1e-12
 _SQ_EPS = 1e-6
 
@@ -160,6 +167,26 @@ def power_iteration(
     return [gi.detach() for gi in g]
 
 
+def zero_direction(r: Sequence[Tensor], eps: float) -> Tensor:
+    """Fraction of samples whose perturbation vanished: norm of r over all groups below eps / 2.
+
+    r = eps * normalize(g) has norm just under eps (per group) whenever max|g| is well above
+    1e-12, but it is exactly 0 when g is (a saturated softmax: p(x + xi*d) == p(x) is one-hot, so
+    dKL/dd == 0, e.g. after a divergent learning rate) and tiny when g underflowed. Such samples
+    get no consistency cost, and nothing else shows it: the loss stays finite, adv_l2 just drops.
+
+    Args:
+        r: the perturbation groups, each (B, ...).
+        eps: the perturbation norm they were scaled to.
+
+    Returns:
+        0-d float32 tensor in [0, 1], detached, on r's device (no host sync).
+    """
+    with torch.no_grad():
+        sq = torch.stack([_flat(ri).float().pow(2).sum(dim=1) for ri in r]).sum(dim=0)  # (B,)
+        return (sq < (0.5 * eps) ** 2).float().mean()
+
+
 @contextmanager
 def frozen_bn_stats(model: nn.Module) -> Iterator[None]:
     """Inside, BatchNorm layers use batch statistics in train mode but update no running stats.
@@ -261,8 +288,16 @@ class RngSnapshot:
             torch.cuda.set_rng_state(self.cuda_state, self.device)
 
 
-def check_hparams(eps: float, xi: float, power_iterations: int, entropy_weight: float) -> None:
+def check_hparams(
+    eps: float,
+    xi: float,
+    power_iterations: int,
+    entropy_weight: float,
+    power_method: str = "finite-difference",
+) -> None:
     """Raise ValueError with a clear message for hyper-parameters the method cannot use."""
+    if power_method not in POWER_METHODS:
+        raise ValueError(f"power_method must be one of {POWER_METHODS}, got {power_method!r}")
     for name, value in (("eps", eps), ("xi", xi)):
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         if not (ok and math.isfinite(value) and value > 0):

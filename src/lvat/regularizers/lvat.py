@@ -79,6 +79,9 @@ class LVAT:
         latent_groups: "separate" (authors: each group normalised and scaled to eps on its own) or
             "joint" (all groups one vector of norm eps).
         entropy_weight: weight of the entropy of p(x) added to the loss (0 = off).
+        power_method: "finite-difference" (authors) or "exact" (`lvat.regularizers.exact`: no xi;
+            for LVAT the curvature of the prediction at decode(encode(x)), without the
+            first-order term that dominates the authors' finite difference).
 
     The classifier sees the same BatchNorm / dropout / float32 treatment as in `VAT`.
     """
@@ -91,8 +94,9 @@ class LVAT:
         power_iterations: int = 1,
         latent_groups: str = "separate",
         entropy_weight: float = 0.0,
+        power_method: str = "finite-difference",
     ) -> None:
-        check_hparams(eps, xi, power_iterations, entropy_weight)
+        check_hparams(eps, xi, power_iterations, entropy_weight, power_method)
         if latent_groups not in LATENT_GROUPS:
             raise ValueError(f"latent_groups must be one of {LATENT_GROUPS}, got {latent_groups!r}")
         if not (
@@ -111,12 +115,13 @@ class LVAT:
         self.power_iterations = power_iterations
         self.latent_groups = latent_groups
         self.entropy_weight = float(entropy_weight)
+        self.power_method = power_method
 
     def __repr__(self) -> str:
         return (
             f"LVAT({type(self.transformer).__name__}, eps={self.eps}, xi={self.xi}, "
             f"power_iterations={self.power_iterations}, latent_groups={self.latent_groups!r}, "
-            f"entropy_weight={self.entropy_weight})"
+            f"entropy_weight={self.entropy_weight}, power_method={self.power_method!r})"
         )
 
     def _run(
@@ -143,6 +148,7 @@ class LVAT:
             joint=self.latent_groups == "joint",
             entropy_weight=self.entropy_weight,
             with_loss=with_loss,
+            power_method=self.power_method,
         )
         return z, out
 

@@ -33,7 +33,9 @@ from lvat.regularizers.common import (
     normalize_groups,
     perturbation_dtype,
     power_iteration,
+    zero_direction,
 )
+from lvat.regularizers.exact import exact_power_iteration, matching_tangents
 
 __all__ = ["VAT", "VirtualAdversarial", "virtual_adversarial"]
 
@@ -44,7 +46,8 @@ class VirtualAdversarial(NamedTuple):
     r: list[Tensor]  # adversarial perturbation, one tensor per group, each of norm ~eps per sample
     x_adv: Tensor  # classifier input at the adversarial point (detached)
     loss: Tensor | None  # KL(p(x) || p(x_adv)) [+ entropy_weight * entropy(p(x))], 0-d
-    stats: dict[str, Tensor] | None  # detached 0-d tensors: "kl", "entropy", "adv_l2"
+    # detached 0-d tensors: "kl", "entropy", "adv_l2", "zero_direction" (`common.zero_direction`)
+    stats: dict[str, Tensor] | None
 
 
 def virtual_adversarial(
@@ -59,6 +62,7 @@ def virtual_adversarial(
     joint: bool = False,
     entropy_weight: float = 0.0,
     with_loss: bool = True,
+    power_method: str = "finite-difference",
 ) -> VirtualAdversarial:
     """Virtual adversarial perturbation of `base` and, optionally, the consistency cost.
 
@@ -83,6 +87,10 @@ def virtual_adversarial(
         entropy_weight: weight of the mean entropy of p(x) added to the loss (VAT+Ent); it keeps
             its gradient through the clean pass.
         with_loss: also run the adversarial pass and return loss and stats.
+        power_method: "finite-difference" (Algorithms 1/2 as the authors: a probe of norm xi,
+            in true float32) or "exact" (`lvat.regularizers.exact`: Fisher-vector products by
+            forward-mode AD, no xi; the classifier runs in the caller's precision, `to_input` in
+            true float32).
     """
     base = [b.detach() for b in base]
     with frozen_bn_stats(model):
@@ -105,14 +113,25 @@ def virtual_adversarial(
                 clean_logits = forward(x_clean)
             target = clean_logits.detach()
 
-            g = power_iteration(
-                lambda ds: forward(to_input([b + di for b, di in zip(base, ds, strict=True)])),
-                target,
-                d,
-                xi,
-                power_iterations,
-                joint,
-            )
+            if power_method != "exact":
+                g = power_iteration(
+                    lambda ds: forward(to_input([b + di for b, di in zip(base, ds, strict=True)])),
+                    target,
+                    d,
+                    xi,
+                    power_iterations,
+                    joint,
+                )
+        if power_method == "exact":
+
+            def probe_logits(ds: list[Tensor]) -> Tensor:
+                with full_precision(x.device):  # decode in float32; the classifier as the caller
+                    x_in = to_input([b + di for b, di in zip(base, ds, strict=True)])
+                return forward(x_in)
+
+            with matching_tangents(model):
+                g = exact_power_iteration(probe_logits, d, power_iterations, joint)
+        with full_precision(x.device):
             r = [eps * n for n in normalize_groups(g, joint)]
             with torch.no_grad():  # r is a constant: x_adv carries no graph
                 x_adv = to_input([b + ri for b, ri in zip(base, r, strict=True)])
@@ -127,7 +146,12 @@ def virtual_adversarial(
         adv_l2 = torch.linalg.vector_norm(
             (x_adv.to(dt) - x.to(dt)).reshape(x.shape[0], -1), dim=1
         ).mean()
-    stats = {"kl": kl.detach(), "entropy": ent.detach(), "adv_l2": adv_l2}
+    stats = {
+        "kl": kl.detach(),
+        "entropy": ent.detach(),
+        "adv_l2": adv_l2,
+        "zero_direction": zero_direction(r, eps),  # r vanished: no regularization there
+    }
     return VirtualAdversarial(r, x_adv, loss, stats)
 
 
@@ -143,6 +167,7 @@ def _vat(model: nn.Module, x: Tensor, vat: VAT, with_loss: bool) -> VirtualAdver
         power_iterations=vat.power_iterations,
         entropy_weight=vat.entropy_weight,
         with_loss=with_loss,
+        power_method=vat.power_method,
     )
 
 
@@ -158,6 +183,8 @@ class VAT:
             first-order direction. The default stays faithful to the authors.
         power_iterations: power-iteration passes (authors: 1).
         entropy_weight: weight of the entropy of p(x) added to the loss (VAT+Ent; 0 = off).
+        power_method: "finite-difference" (authors) or "exact": Hessian-vector products by
+            forward-mode AD (`lvat.regularizers.exact`), no xi, exact in any precision.
 
     The model is called in whatever mode the caller set (train mode in training); BatchNorm running
     statistics are never updated by these calls and the passes of one call share dropout masks.
@@ -171,17 +198,19 @@ class VAT:
         xi: float = 1e-6,
         power_iterations: int = 1,
         entropy_weight: float = 0.0,
+        power_method: str = "finite-difference",
     ) -> None:
-        check_hparams(eps, xi, power_iterations, entropy_weight)
+        check_hparams(eps, xi, power_iterations, entropy_weight, power_method)
         self.eps = float(eps)
         self.xi = float(xi)
         self.power_iterations = power_iterations
         self.entropy_weight = float(entropy_weight)
+        self.power_method = power_method
 
     def __repr__(self) -> str:
         return (
             f"VAT(eps={self.eps}, xi={self.xi}, power_iterations={self.power_iterations}, "
-            f"entropy_weight={self.entropy_weight})"
+            f"entropy_weight={self.entropy_weight}, power_method={self.power_method!r})"
         )
 
     def perturbation(self, model: nn.Module, x: Tensor) -> Tensor:

@@ -51,6 +51,7 @@ def build_regularizer(cfg: MethodConfig, device: torch.device) -> VAT | LVAT | N
         xi=cfg.xi,
         power_iterations=cfg.power_iterations,
         entropy_weight=cfg.entropy_weight,
+        power_method=cfg.power_method,
     )
     if cfg.name == "sup":
         return None
