@@ -40,7 +40,7 @@ from lvat.models import VAE, Glow, build_classifier
 from lvat.regularizers import LVAT, VAT
 from lvat.train import fast
 from lvat.train.setup import resolve_device
-from lvat.train.step import train_step
+from lvat.train.step import STATS, train_step
 
 MODELS = {"conv-large": (3, 32, 32), "conv-small": (1, 32, 32)}  # classifier -> image shape
 METHODS = ("sup", "vat", "lvat-vae", "lvat-glow")
@@ -178,7 +178,7 @@ class _Setting:
             cache = fast.LatentCache.build(reg.transformer, self.data.x_train, device, seed=0)
         tc = TrainConfig()
         optimizer = fast.adam(model, tc, device)
-        sums = torch.zeros(5, device=device)
+        sums = torch.zeros(len(STATS), device=device)
 
         def step() -> None:
             nonlocal sums

@@ -10,7 +10,7 @@ step has no host synchronisation. Glow's ActNorms are initialised from data once
 before the first step (their values then live in the state dict, so resume does not redo it).
 The checkpoint is a transformer checkpoint: `lvat.load_transformer(run/checkpoint.pt)` works on
 it directly; the extra entries (optimizer, RNG, stream, config) make `--resume` exact. A run
-folder holds:
+folder (`lvat.train.run_folder`: locking, fresh-run and resume rules, as for `lvat train`) holds:
 
     config.toml  metrics.jsonl  eval.jsonl  checkpoint.pt  results.json
     test.png  reconstruction.png  samples.png
@@ -19,7 +19,6 @@ folder holds:
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,17 +26,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lvat.config import from_dict, load_config, parse_overrides, save_config, to_dict
-from lvat.config.core import _merge
+from lvat.config import from_dict, load_config, to_dict
+from lvat.config.core import check_resume, resume_config
 from lvat.data import load_from_config
 from lvat.data.prepare import resolve_flip
 from lvat.environment import environment
 from lvat.errors import ConfigError, LvatError
-from lvat.fit.evaluate import evaluate_transformer, probe, write_grids
+from lvat.fit.evaluate import GRIDS, evaluate_transformer, probe, write_grids
 from lvat.fit.setup import (
     KINDS,
     FitConfig,
     ImageStream,
+    Kind,
     check_image_size,
     check_schedule,
     default_out,
@@ -45,11 +45,13 @@ from lvat.fit.setup import (
     kind_of,
     lr_at,
 )
-from lvat.io import atomic_write_text
 from lvat.models.transformers import save_transformer
 from lvat.train import checkpoint
-from lvat.train.monitor import MetricsLog, NonFiniteLoss, Progress, window_means
+from lvat.train.monitor import Progress, window_means
+from lvat.train.run_folder import EVALS, METRICS, RunFolder
 from lvat.train.setup import resolve_device
+
+HINT = "train.lr"  # what to lower after a NaN
 
 
 def fit_config(
@@ -78,8 +80,8 @@ def fit_config(
     if state["kind"] != kind:
         found = state["kind"]
         raise LvatError(f"{resume} holds a {found} run; resume it with lvat fit {found}")
-    cfg = from_dict(cls, _merge(state["config"], parse_overrides(overrides, cls)))
-    return dataclasses.replace(cfg, out=str(resume))
+    # The saved config, the flags on top; a flag that changes a RESUME_FIXED key is refused.
+    return resume_config(cls, dict(state["config"]), overrides, str(resume))
 
 
 def resolve_out(cfg: FitConfig) -> FitConfig:
@@ -94,7 +96,8 @@ def fit(cfg: FitConfig, *, resume: bool = False, stop_at: int | None = None) -> 
 
     Args:
         cfg: a resolved `VAEFitConfig` or `GlowFitConfig`.
-        resume: continue from `cfg.out/checkpoint.pt` exactly where it stopped.
+        resume: continue from `cfg.out/checkpoint.pt` exactly where it stopped; a finished
+            run is left as it is and its results.json returned.
         stop_at: stop after this many total steps (checkpointing there) without finishing;
             for time-boxed jobs and tests. The schedule still runs to `cfg.train.steps`.
 
@@ -103,21 +106,19 @@ def fit(cfg: FitConfig, *, resume: bool = False, stop_at: int | None = None) -> 
     """
     kind = kind_of(cfg)
     cfg = resolve_out(cfg)
+    check_schedule(cfg.train)
+    with RunFolder(cfg.out, files=GRIDS) as run:
+        finished = run.open(resume=resume, steps=cfg.train.steps)
+        if finished is not None:
+            return finished
+        return _fit(cfg, kind, run, stop_at)
+
+
+def _fit(cfg: FitConfig, kind: Kind, run: RunFolder, stop_at: int | None) -> dict:
     tc = cfg.train
-    check_schedule(tc)
-    run = Path(cfg.out)
-    ckpt_path = run / checkpoint.CHECKPOINT
-    if ckpt_path.exists() and not resume:
-        raise LvatError(
-            f"{run} already holds a run; add --resume {run} to continue it or pick another --out"
-        )
-    if resume and not ckpt_path.exists():
-        raise LvatError(f"nothing to resume: {ckpt_path} does not exist")
     device = resolve_device(cfg.device)
     dataset = load_from_config(cfg.data)
     check_image_size(kind, cfg, dataset)
-    run.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run / "config.toml")
 
     torch.manual_seed(cfg.seed)
     model = kind.build(cfg, dataset.image_shape).to(device).train()
@@ -131,40 +132,46 @@ def fit(cfg: FitConfig, *, resume: bool = False, stop_at: int | None = None) -> 
         translate=cfg.data.translate,
         flip=resolve_flip(cfg.data, dataset),
     )
-    metrics = MetricsLog(run / "metrics.jsonl", tc.tensorboard)
-    evals = MetricsLog(run / "eval.jsonl")
+    metrics = run.log(METRICS, tc.tensorboard)
+    evals = run.log(EVALS)
     start, elapsed = 0, 0.0
-    if resume:
-        state = checkpoint.load(ckpt_path)
+
+    def restore(state: dict) -> None:
+        nonlocal start, elapsed
         if state.get("kind") != kind.name:
-            raise LvatError(f"{ckpt_path} holds a {state.get('kind')} run, not {kind.name}")
-        model.load_state_dict(state["state_dict"])  # Glow: includes the initialised ActNorms
-        optimizer.load_state_dict(state["optimizer"])
+            raise LvatError(f"{run.checkpoint} holds a {state.get('kind')} run, not {kind.name}")
+        if isinstance(state.get("config"), dict):  # the library path: no CLI checked the flags
+            check_resume(from_dict(type(cfg), state["config"]), cfg, str(run.path))
+        # Glow: the state dict includes the initialised ActNorms.
+        checkpoint.load_model_state(model, state["state_dict"], run.checkpoint, f"the {kind.name}")
+        checkpoint.load_optimizer_state(optimizer, state["optimizer"], run.checkpoint)
         stream.load_state_dict(state["batches"])
         checkpoint.set_rng_state(state["rng"])
         start, elapsed = int(state["step"]), float(state["elapsed"])
-    elif kind.name == "glow":
+
+    # Resume: load, then cut metrics back to the checkpoint's step.
+    if run.restore(restore) is None and kind.name == "glow":
         # Data-dependent ActNorm init (Glow section 3.1), once, on plain training images.
         model.initialize(init_batch(dataset.x_train, tc.init_images, cfg.seed).to(device))
-    metrics.truncate_after(start)  # drop rows written after the checkpoint (or a dead run's)
-    evals.truncate_after(start)
+    run.write_config(cfg)  # only now: a resume that does not fit the checkpoint changes nothing
     end = min(tc.steps, stop_at) if stop_at is not None else tc.steps
 
     def save(step: int) -> None:
-        if not all(torch.isfinite(p).all() for p in model.parameters()):
-            raise NonFiniteLoss(f"non-finite weights at step {step}; {ckpt_path} was not touched")
-        save_transformer(
-            model,
-            ckpt_path,
-            step=step,
-            elapsed=elapsed + time.perf_counter() - t0,
-            config=to_dict(cfg),
-            optimizer=optimizer.state_dict(),
-            batches=stream.state_dict(),
-            rng=checkpoint.rng_state(),
+        run.check_finite(model, step, HINT)
+        run.write_checkpoint(
+            lambda path: save_transformer(
+                model,
+                path,
+                step=step,
+                elapsed=elapsed + time.perf_counter() - t0,
+                config=to_dict(cfg),
+                optimizer=optimizer.state_dict(),
+                batches=stream.state_dict(),
+                rng=checkpoint.rng_state(),
+            )
         )
 
-    def run_eval(step: int) -> dict:
+    def run_eval(step: int, record: bool = True) -> dict:
         n = tc.final_eval_images if step == tc.steps else tc.eval_images
         x_test = dataset.x_test[: n or len(dataset.x_test)]
         bs = tc.eval_batch_size
@@ -172,8 +179,9 @@ def fit(cfg: FitConfig, *, resume: bool = False, stop_at: int | None = None) -> 
             kind, model, x_test, cfg, batch_size=bs, device=device, seed=cfg.seed
         )
         row = {"step": step, **test}
-        write_grids(kind, model, dataset.x_test, cfg, run, device, cfg.seed)
-        evals.write({**row, "time_s": elapsed + time.perf_counter() - t0})
+        if record:
+            write_grids(kind, model, dataset.x_test, cfg, run.path, device, cfg.seed)
+            evals.write({**row, "time_s": elapsed + time.perf_counter() - t0})
         return row
 
     progress = Progress(end, start, tc.progress)
@@ -197,7 +205,7 @@ def fit(cfg: FitConfig, *, resume: bool = False, stop_at: int | None = None) -> 
         last = done == end
         logged = done % tc.log_every == 0 or last or done % tc.checkpoint_every == 0
         if logged:
-            means = window_means(sums, window, done, ckpt_path, "train.lr")
+            means = window_means(sums, window, done, run.checkpoint, HINT)
             now = time.perf_counter()
             row = {
                 "step": done,
@@ -220,11 +228,11 @@ def fit(cfg: FitConfig, *, resume: bool = False, stop_at: int | None = None) -> 
         if logged:
             t_log = time.perf_counter()  # steps/s measures training only, not probes or evals
     progress.close()
-    metrics.close()
     if end < tc.steps:
         return {"step": end, "finished": False}
-    if not final:  # resumed a run that had already finished
-        final = run_eval(tc.steps)
+    wall_time = elapsed + time.perf_counter() - t0  # not counting a re-evaluation (below)
+    if not final:  # resumed after the final checkpoint, killed before results.json
+        final = run_eval(tc.steps, record=False)  # eval.jsonl and the grids already have it
     results = {
         "kind": kind.name,
         "dataset": dataset.name,
@@ -235,11 +243,11 @@ def fit(cfg: FitConfig, *, resume: bool = False, stop_at: int | None = None) -> 
         "batch_size": tc.batch_size,
         "augment": cfg.data.augment,
         "seed": cfg.seed,
-        "wall_time_s": round(elapsed + time.perf_counter() - t0, 2),
-        "checkpoint": str(ckpt_path),
+        "wall_time_s": round(wall_time, 2),
+        "checkpoint": str(run.checkpoint),
         **environment(device),
     }
-    atomic_write_text(run / "results.json", json.dumps(results, indent=1) + "\n")
+    run.write_results(results)
     return results
 
 

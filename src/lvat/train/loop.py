@@ -4,34 +4,42 @@ Per step (`lvat.train.step.train_step`): cross-entropy on a labeled batch (the o
 updates BatchNorm statistics), plus alpha times the regularizer's consistency cost on an unlabeled
 batch; Adam with the paper's schedule. Metrics are summed on the device and read back every
 `log_every` steps only, so a step has no host synchronisation. Under torchrun the same loop runs
-data-parallel (`lvat.train.distributed`); rank 0 writes the run folder:
+data-parallel (`lvat.train.distributed`); rank 0 writes the run folder
+(`lvat.train.run_folder`: locking, fresh-run and resume rules):
 
     config.toml  split.json  metrics.jsonl  eval.jsonl  checkpoint.pt  results.json
+
+metrics.jsonl's `zero_direction` is the fraction of unlabeled samples whose VAT/LVAT perturbation
+vanished (a saturated classifier, e.g. after a divergent learning rate); above one half the loop
+warns once on stderr, since the regularizer then silently adds nothing.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F  # noqa: F401  (the step's F; tests patch loop.F.cross_entropy)
 
-from lvat.config import Config, save_config, to_dict
+from lvat.config import Config, to_dict
 from lvat.data import load_from_config, resolve_split, train_batches
+from lvat.data.prepare import SPLIT_FILE
 from lvat.environment import environment
 from lvat.errors import LvatError
-from lvat.io import atomic_write_text
 from lvat.train import checkpoint, distributed, fast, schedule
 from lvat.train.distributed import GradSync, World, rank_seed
-from lvat.train.monitor import MetricsLog, NonFiniteLoss, Progress, window_means
+from lvat.train.monitor import NonFiniteLoss, Progress, window_means
+from lvat.train.run_folder import EVALS, METRICS, RunFolder
 from lvat.train.runs import evaluate_splits
 from lvat.train.setup import build_model, build_regularizer
 from lvat.train.step import STATS, train_step
 
-METRICS = STATS  # summed per step, averaged per log row
+HINT = "train.lr or method.eps"  # what to lower after a NaN
+ZERO_DIRECTION = STATS.index("zero_direction")
+
+# NonFiniteLoss: re-exported (lvat.train imports it from here).
+__all__ = ["NonFiniteLoss", "train"]
 
 
 def train(cfg: Config, *, resume: bool = False, stop_at: int | None = None) -> dict:
@@ -42,37 +50,31 @@ def train(cfg: Config, *, resume: bool = False, stop_at: int | None = None) -> d
 
     Args:
         cfg: the resolved config.
-        resume: continue from `cfg.out/checkpoint.pt` exactly where it stopped.
+        resume: continue from `cfg.out/checkpoint.pt` exactly where it stopped; a finished
+            run is left as it is and its results.json returned.
         stop_at: stop after this many total steps (checkpointing there) without finishing;
             for time-boxed jobs and tests. The schedule still runs to `cfg.train.steps`.
     """
-    ckpt_path = Path(cfg.out) / checkpoint.CHECKPOINT
-    if ckpt_path.exists() and not resume:
-        raise LvatError(
-            f"{cfg.out} already holds a run; add --resume to continue it or pick another --out"
-        )
-    if resume and not ckpt_path.exists():
-        raise LvatError(f"nothing to resume: {ckpt_path} does not exist")
-    return _train(cfg, distributed.start(cfg.device), resume, stop_at)
+    world = distributed.start(cfg.device)
+    keep = [cfg.data.split_file] if cfg.data.split_file else []
+    with RunFolder(cfg.out, files=(SPLIT_FILE,), keep=keep, main=world.is_main) as run:
+        finished = run.open(resume=resume, steps=cfg.train.steps, broadcast=world.broadcast)
+        if finished is not None:
+            return finished
+        return _train(cfg, world, run, stop_at)
 
 
-def _train(cfg: Config, world: World, resume: bool, stop_at: int | None) -> dict:
-    run = Path(cfg.out)
-    ckpt_path = run / checkpoint.CHECKPOINT
+def _train(cfg: Config, world: World, run: RunFolder, stop_at: int | None) -> dict:
     tc, device, main = cfg.train, world.device, world.is_main
     batch_l = distributed.local_batch(tc.batch_labeled, world, "train.batch_labeled")
     batch_u = distributed.local_batch(tc.batch_unlabeled, world, "train.batch_unlabeled")
     fast.check_cache(cfg)
     fast_path = fast.resolve(tc, device)
     dataset = load_from_config(cfg.data)
-    if main:
-        run.mkdir(parents=True, exist_ok=True)
     # Drawn (or read) once on rank 0, which writes split.json; the same object everywhere.
-    split = world.broadcast(resolve_split(cfg.data, dataset, run) if main else None)
+    split = world.broadcast(resolve_split(cfg.data, dataset, run.path) if main else None)
     if cfg.method.name == "sup" and len(split.labeled) < 1:
         raise LvatError("no labeled images in the split")
-    if main:
-        save_config(cfg, run / "config.toml")
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_model(cfg, dataset).to(device).train()
@@ -86,13 +88,17 @@ def _train(cfg: Config, world: World, resume: bool, stop_at: int | None) -> dict
     sync = GradSync(model, world) if world.size > 1 else None
     seed = rank_seed(cfg.seed, world.rank)
     batches = train_batches(cfg.data, dataset, split, batch_l, batch_u, device=device, seed=seed)
-    metrics = MetricsLog(run / "metrics.jsonl", tc.tensorboard) if main else None
-    evals = MetricsLog(run / "eval.jsonl") if main else None
+    metrics = run.log(METRICS, tc.tensorboard)
+    evals = run.log(EVALS)
     start, elapsed = 0, 0.0
-    if resume:
-        state = checkpoint.load(ckpt_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+
+    def restore(state: dict) -> None:
+        nonlocal batches, start, elapsed
+        # Entries, saved config, and the keys a resume must keep (model, split, method, seed):
+        # an override that changes them is refused here too, not only by the CLI.
+        checkpoint.check_resume_state(state, run.checkpoint, cfg)
+        checkpoint.load_model_state(model, state["model"], run.checkpoint, "the model")
+        checkpoint.load_optimizer_state(optimizer, state["optimizer"], run.checkpoint)
         start, elapsed = int(state["step"]), float(state["elapsed"])
         own = distributed.own_state(state, world)
         if own is not None:
@@ -110,40 +116,43 @@ def _train(cfg: Config, world: World, resume: bool, stop_at: int | None) -> dict
             batches = train_batches(
                 cfg.data, dataset, split, batch_l, batch_u, device=device, seed=fresh
             )
-        if main:
-            metrics.truncate_after(start)
-            evals.truncate_after(start)
+
+    run.restore(restore)  # resume: load, then cut metrics back to the checkpoint's step
+    run.write_config(cfg)  # only now: a resume that does not fit the checkpoint changes nothing
     end = min(tc.steps, stop_at) if stop_at is not None else tc.steps
 
     def save(step: int) -> None:
-        if not all(torch.isfinite(p).all() for p in model.parameters()):
-            raise NonFiniteLoss(f"non-finite weights at step {step}; {ckpt_path} was not touched")
+        run.check_finite(model, step, HINT)
         own = {"batches": batches.state_dict(), "rng": checkpoint.rng_state()}
         ranks = distributed.rank_states(world, **own)  # a collective: every rank takes part
         if not main:
             return
-        checkpoint.save(
-            ckpt_path,
-            {
-                "step": step,
-                "elapsed": elapsed + time.perf_counter() - t0,
-                "config": to_dict(cfg),
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                **own,  # rank 0's; the other ranks' are in "ranks"
-                **ranks,
-            },
+        run.write_checkpoint(
+            lambda path: checkpoint.save(
+                path,
+                {
+                    "step": step,
+                    "elapsed": elapsed + time.perf_counter() - t0,
+                    "config": to_dict(cfg),
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    **own,  # rank 0's; the other ranks' are in "ranks"
+                    **ranks,
+                },
+            )
         )
 
-    def run_eval(step: int) -> dict:
+    def run_eval(step: int, record: bool = True) -> dict:
         row = {"step": step, **evaluate_splits(model, dataset, split, tc.eval_batch_size, device)}
-        evals.write({k: v for k, v in row.items() if not isinstance(v, list)})
+        if record:
+            evals.write({k: v for k, v in row.items() if not isinstance(v, list)})
         return row
 
     progress = Progress(end, start, tc.progress and main)
     final: dict = {}
-    sums = torch.zeros(len(METRICS), device=device)
+    sums = torch.zeros(len(STATS), device=device)
     window = 0
+    warned = False  # about vanished regularizer directions: once per run
     t0 = time.perf_counter()
     t_log = t0
     for step in range(start, end):
@@ -165,13 +174,17 @@ def _train(cfg: Config, world: World, resume: bool, stop_at: int | None) -> dict
         done = step + 1
         last = done == end
         if done % tc.log_every == 0 or last or done % tc.checkpoint_every == 0:
-            means = window_means(
-                world.mean(sums), window, done, ckpt_path, "train.lr or method.eps"
-            )
+            means = window_means(world.mean(sums), window, done, run.checkpoint, HINT)
             now = time.perf_counter()
+            if main and not warned and means[ZERO_DIRECTION] > 0.5:
+                warned = True
+                print(
+                    vanished_direction(means[ZERO_DIRECTION], done - window + 1, done),
+                    file=sys.stderr,
+                )
             row = {
                 "step": done,
-                **dict(zip(METRICS, means, strict=True)),
+                **dict(zip(STATS, means, strict=True)),
                 "lr": lr,
                 "beta1": beta1,
                 "steps_per_s": window / (now - t_log),
@@ -187,13 +200,12 @@ def _train(cfg: Config, world: World, resume: bool, stop_at: int | None) -> dict
         if done % tc.checkpoint_every == 0 or last:
             save(done)
     progress.close()
-    if main:
-        metrics.close()
     if end < tc.steps:
         world.barrier()  # nobody leaves (and maybe resumes) before rank 0 has saved
         return {"step": end, "finished": False}
-    if main and not final:  # resumed a run that had already finished
-        final = run_eval(tc.steps)
+    wall_time = elapsed + time.perf_counter() - t0  # not counting a re-evaluation (below)
+    if main and not final:  # resumed after the final checkpoint, killed before results.json
+        final = run_eval(tc.steps, record=False)  # eval.jsonl already has this row
     results = None
     if main:
         results = {
@@ -204,11 +216,20 @@ def _train(cfg: Config, world: World, resume: bool, stop_at: int | None) -> dict
             "split_seed": split.seed,
             **{k: v for k, v in final.items() if k != "step"},
             "steps": tc.steps,
-            "wall_time_s": round(elapsed + time.perf_counter() - t0, 2),
+            "wall_time_s": round(wall_time, 2),
             "processes": world.size,
             **fast_path.describe(),
             **fast.describe_cache(cache),
             **environment(device),
         }
-        atomic_write_text(run / "results.json", json.dumps(results, indent=1) + "\n")
+        run.write_results(results)
     return world.broadcast(results)  # also keeps the other ranks until rank 0 has written
+
+
+def vanished_direction(fraction: float, first: int, last: int) -> str:
+    """The one warning a run prints when its regularizer stopped perturbing (see module doc)."""
+    return (
+        f"warning: steps {first}-{last}: the regularizer's direction vanished for "
+        f"{fraction:.0%} of unlabeled samples (zero_direction in metrics.jsonl; the classifier's "
+        "outputs saturated), so VAT/LVAT adds nothing there; lower train.lr (warned once)"
+    )

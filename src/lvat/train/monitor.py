@@ -10,26 +10,49 @@ from pathlib import Path
 from typing import Any
 
 from lvat.errors import ConfigError, LvatError
+from lvat.io import atomic_write_text
 
 
 class NonFiniteLoss(LvatError):
     """The training loss became NaN or infinite."""
 
 
+def stop_advice(checkpoint: Path, hint: str) -> str:
+    """What to do after training stopped on a NaN or infinity: resume from the last good
+    checkpoint when there is one, else start again (`hint` says what to change)."""
+    if checkpoint.is_file():
+        return (
+            f"the last good checkpoint in {checkpoint} is intact. Lower {hint}, then continue "
+            f"with --resume {checkpoint.parent}"
+        )
+    return (
+        f"no checkpoint was saved yet, so there is nothing to resume. Lower {hint} and start "
+        f"the run again (in the same folder its files so far are moved aside)"
+    )
+
+
 def window_means(sums: Any, window: int, done: int, checkpoint: Path, hint: str) -> list[float]:
     """Mean of the metrics summed over the last `window` steps (one host sync), or stop.
 
-    A NaN or infinity stops training before any checkpoint holds its weights; `hint` says
-    what to change (e.g. "train.lr or method.eps").
+    A NaN or infinity stops training before any checkpoint holds its weights; the message says
+    whether `checkpoint` can be resumed and `hint` what to change (e.g. "train.lr or method.eps").
     """
     means = (sums / window).tolist()
     if not all(math.isfinite(v) for v in means):
         raise NonFiniteLoss(
             f"non-finite loss between steps {done - window + 1} and {done}; training stopped "
-            f"and the last good checkpoint in {checkpoint} is intact. Lower {hint}, then "
-            f"continue with --resume"
+            f"and {stop_advice(checkpoint, hint)}"
         )
     return means
+
+
+def _short(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:120]
+
+
+def _os_error(exc: OSError) -> str:
+    """`No space left on device`: the OS error of `exc` without Python's decoration."""
+    return exc.strerror or _short(exc)
 
 
 def _jsonable(v: Any) -> Any:
@@ -51,18 +74,71 @@ class MetricsLog:
                 ) from None
             self.writer = SummaryWriter(str(path.parent / "tensorboard"))
 
-    def truncate_after(self, step: int) -> None:
-        """On resume, drop rows the interrupted run wrote after its last checkpoint."""
+    def kept_through(self, step: int) -> tuple[list[str], bool]:
+        """The lines to keep when cutting the file back to `step`, and whether that changes it.
+
+        Rows are appended one `write` at a time, so only the last line can be torn (a full disk,
+        a crash, zeros after a power loss): it is dropped with a note on stderr. A bad line
+        before it is no interrupted write but damage from elsewhere; guessing would lose or keep
+        the wrong rows, so it is an `LvatError` naming the line, and nothing is changed.
+        """
         if not self.path.is_file():
-            return
-        keep = [
-            r for r in self.path.read_text().splitlines() if r and json.loads(r)["step"] <= step
-        ]
-        self.path.write_text("".join(r + "\n" for r in keep))
+            return [], False
+        data = self.path.read_bytes()
+        lines = data.split(b"\n")
+        if lines[-1] == b"":
+            lines.pop()  # the file ends with a newline, as every complete write leaves it
+        keep, changed = [], False
+        for i, raw in enumerate(lines):
+            if not raw.strip():
+                changed = True  # a blank line holds no row
+                continue
+            try:
+                row = json.loads(raw)
+                if not (isinstance(row, dict) and isinstance(row.get("step"), int)):
+                    raise ValueError("no integer step")
+            except ValueError as exc:  # json.JSONDecodeError and UnicodeDecodeError too
+                if i < len(lines) - 1:
+                    raise LvatError(
+                        f"{self.path} line {i + 1} is not a JSON row ({_short(exc)}); only a torn "
+                        "last line is repaired automatically: fix or delete that line, then resume"
+                    ) from None
+                print(
+                    f"note: {self.path}: dropped a torn last line (an interrupted write): "
+                    f"{raw[:60]!r}",
+                    file=sys.stderr,
+                )
+                changed = True
+                continue
+            if row["step"] <= step:
+                keep.append(raw.decode("utf-8"))
+            else:
+                changed = True  # written after the checkpoint: the resumed run writes it again
+        return keep, changed or (bool(data) and not data.endswith(b"\n"))  # no final newline
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop rows the interrupted run wrote after its last checkpoint (and a torn
+        last line); the file is replaced atomically, and only if something changes."""
+        keep, changed = self.kept_through(step)
+        if changed:
+            self.replace(keep)
+
+    def replace(self, lines: list[str]) -> None:
+        """Atomically make the file exactly `lines` (from `kept_through`)."""
+        try:
+            atomic_write_text(self.path, "".join(r + "\n" for r in lines))
+        except OSError as exc:
+            raise LvatError(f"could not write {self.path} ({_os_error(exc)})") from None
 
     def write(self, row: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n")
+        except OSError as exc:
+            raise LvatError(
+                f"could not write {self.path} ({_os_error(exc)}); make room, then run again "
+                f"(with --resume {self.path.parent} once it holds a checkpoint.pt)"
+            ) from None
         if self.writer is not None:
             for k, v in row.items():
                 if k != "step" and isinstance(v, int | float):

@@ -18,7 +18,9 @@ from torch import Tensor, nn
 from lvat.data import Batch
 from lvat.regularizers import LVAT, VAT, Latent
 
-STATS = ("loss", "ce", "kl", "entropy", "adv_l2")  # the rows of `train_step`'s result
+# The rows of `train_step`'s result. zero_direction: the fraction of the unlabeled batch whose
+# perturbation vanished (`lvat.regularizers.common.zero_direction`); 0 without a regularizer.
+STATS = ("loss", "ce", "kl", "entropy", "adv_l2", "zero_direction")
 
 
 def autocast(
@@ -45,7 +47,8 @@ def train_step(
 
     Args:
         model: the classifier, in train mode.
-        regularizer: VAT, LVAT or None (supervised only: kl, entropy and adv_l2 are 0).
+        regularizer: VAT, LVAT or None (supervised only: kl, entropy, adv_l2 and
+            zero_direction are 0).
         optimizer: its optimiser, lr already set for this step.
         batch: labeled images and labels, unlabeled images, all on the model's device.
         alpha: weight of the consistency cost.
@@ -58,7 +61,7 @@ def train_step(
     with autocast(device, amp_dtype):
         ce = F.cross_entropy(model(batch.x_labeled), batch.y_labeled)  # updates BN statistics
         loss, zero = ce, ce.new_zeros(())
-        stats = {"kl": zero, "entropy": zero, "adv_l2": zero}
+        stats = {"kl": zero, "entropy": zero, "adv_l2": zero, "zero_direction": zero}
         if regularizer is not None:
             extra = {} if z_unlabeled is None else {"z": z_unlabeled}
             reg_loss, stats = regularizer.loss_and_stats(model, batch.x_unlabeled, **extra)
@@ -68,6 +71,6 @@ def train_step(
     if sync is not None:
         sync()
     optimizer.step()
-    return torch.stack(
-        [loss.detach(), ce.detach(), stats["kl"], stats["entropy"], stats["adv_l2"]]
-    ).float()
+    # A regularizer that does not report zero_direction (e.g. a user's) counts as 0 there.
+    row = [loss.detach(), ce.detach(), stats["kl"], stats["entropy"], stats["adv_l2"]]
+    return torch.stack([*row, stats.get("zero_direction", zero)]).float()
