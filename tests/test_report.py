@@ -215,3 +215,15 @@ def test_validation_metric_averages_validation_error_without_paper_values(tmp_pa
 def test_a_folder_without_runs_is_an_error(tmp_path, capsys):
     assert main(["report", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
     assert "no run folders" in capsys.readouterr().err
+
+
+def test_find_runs_skips_the_abandoned_attempts_kept_inside_a_run(tmp_path):
+    from lvat.analysis.report import find_runs
+
+    run = tmp_path / "sweep" / "vat" / "seed0"
+    for folder in (run, run / "abandoned-1"):
+        folder.mkdir(parents=True)
+        (folder / "config.toml").write_text("")
+        (folder / "split.json").write_text("{}")
+    (run / "results.json").write_text("{}")
+    assert find_runs([tmp_path / "sweep"]) == [run]

@@ -92,13 +92,19 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
             found[p] = None
             continue
         below = sorted(
-            {f.parent for f in p.rglob("results.json")}
-            | {f.parent for f in p.rglob("split.json") if _is_run(f.parent)}
+            f.parent
+            for f in [*p.rglob("results.json"), *p.rglob("split.json")]
+            if _is_run(f.parent) and not _abandoned(f.parent.relative_to(p))
         )
         if not below:
             raise LvatError(f"{p}: no run folders (results.json or config.toml) in or beneath it")
         found.update(dict.fromkeys(below))
     return list(found)
+
+
+def _abandoned(rel: Path) -> bool:
+    # RUN/abandoned-N/ keeps the files of an attempt that never checkpointed (lvat.train.run_folder)
+    return any(part.startswith("abandoned-") for part in rel.parts)
 
 
 def _is_run(p: Path) -> bool:
