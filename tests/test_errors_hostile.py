@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import pickle
 import shutil
@@ -335,3 +336,16 @@ def test_a_multiline_lvat_error_is_printed_on_one_line(monkeypatch, capsys):
     monkeypatch.setattr(demo, "demo", fail)
     code, err = _cli(capsys, "demo", "--out", "/ro/x")
     assert code == 2 and err == "lvat: error: /ro/x: cannot write here (read-only file system)"
+
+
+def test_a_split_file_without_labeled_images_is_one_line_for_any_method(toy_data, tmp_path, capsys):
+    first = tmp_path / "first"
+    assert main(["train", *tiny_run_flags(toy_data, first, **{"train.steps": 1})]) == 0
+    empty = json.loads((first / "split.json").read_text())
+    empty.update(labeled=[], num_labeled=0)
+    (tmp_path / "empty.json").write_text(json.dumps(empty))
+    for method in ("sup", "vat"):
+        flags = {"method.name": method, "data.split_file": str(tmp_path / "empty.json")}
+        assert main(["train", *tiny_run_flags(toy_data, tmp_path / method, **flags)]) == 2
+        err = capsys.readouterr().err
+        assert "has no labeled images" in err and "Traceback" not in err

@@ -73,8 +73,9 @@ def _train(cfg: Config, world: World, run: RunFolder, stop_at: int | None) -> di
     dataset = load_from_config(cfg.data)
     # Drawn (or read) once on rank 0, which writes split.json; the same object everywhere.
     split = world.broadcast(resolve_split(cfg.data, dataset, run.path) if main else None)
-    if cfg.method.name == "sup" and len(split.labeled) < 1:
-        raise LvatError("no labeled images in the split")
+    if len(split.labeled) < 1:  # every method's loss has a cross-entropy on labeled images
+        where = cfg.data.split_file or "the split"
+        raise LvatError(f"{where} has no labeled images; every method needs some (num_labeled)")
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_model(cfg, dataset).to(device).train()
