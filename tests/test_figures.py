@@ -62,6 +62,21 @@ def _check_png(path: Path) -> tuple[int, int]:
         return im.size
 
 
+def _check_pdf(path: Path) -> None:
+    assert path.is_file(), path
+    data = path.read_bytes()
+    assert data.startswith(b"%PDF-") and data.rstrip().endswith(b"%%EOF"), path  # whole file
+
+
+def _check_files(info: dict, names: set[str]) -> None:
+    """Every figure as a PNG ("files") and, beside it with the same stem, a PDF ("vector_files")."""
+    assert set(info["files"]) == set(info["vector_files"]) == names
+    for name, png in info["files"].items():
+        _check_png(Path(png))
+        assert Path(info["vector_files"][name]) == Path(png).with_suffix(".pdf")
+        _check_pdf(Path(info["vector_files"][name]))
+
+
 def _check_histogram(h: dict, n: int) -> None:
     assert h["count"] == n
     assert sum(h["counts"]) == n  # every sample is in a bin, none twice
@@ -76,10 +91,9 @@ def test_lvat_figures_are_written_with_the_requested_sample_count(method, runs, 
     printed = capsys.readouterr().out
     out = run / "figures"
     info = json.loads((out / "figures.json").read_text())
-    assert set(info["files"]) == {"fig2", "fig3", "fig4", "curves"}
-    for path in info["files"].values():
-        _check_png(Path(path))
-        assert path in printed
+    _check_files(info, {"fig2", "fig3", "fig4", "curves"})
+    for name, path in info["files"].items():
+        assert path in printed and info["vector_files"][name] in printed
     assert info["method"] == method and info["count"] == SAMPLES
     _check_histogram(info["histograms"]["adv_l2"], SAMPLES)
     _check_histogram(info["histograms"]["recon_l2"], SAMPLES)
@@ -99,9 +113,7 @@ def test_vat_figures_mark_the_runs_eps_and_its_perturbations_have_norm_eps(runs,
     run = runs["vat"]
     assert main(["figures", str(run), "--samples", "5000", "--eps-vat", "7"]) == 0
     info = json.loads((run / "figures" / "figures.json").read_text())
-    assert set(info["files"]) == {"fig2", "fig3", "curves"}  # no transformer: no Fig. 4
-    for path in info["files"].values():
-        _check_png(Path(path))
+    _check_files(info, {"fig2", "fig3", "curves"})  # no transformer: no Fig. 4
     assert info["count"] == TEST_SIZE and info["samples"] == 5000  # capped at the test set
     adv = info["histograms"]["adv_l2"]
     _check_histogram(adv, TEST_SIZE)
@@ -117,6 +129,7 @@ def test_a_vat_run_with_a_transformer_gets_reconstruction_accuracy(runs, transfo
     assert main([*args, str(transformers["glow"]), "--seed", "3"]) == 0
     info = json.loads((runs["vat"] / "figures" / "figures.json").read_text())
     assert "fig4" in info["files"] and 0 <= info["accuracy"]["recon"] <= 100
+    _check_pdf(Path(info["vector_files"]["fig4"]))
     _check_histogram(info["histograms"]["recon_l2"], 20)
 
 

@@ -11,7 +11,9 @@ For N random test images (seeded) of a finished VAT or LVAT run this computes, a
 Perturbations are computed exactly as the training loop computes them: classifier in train mode
 (batch statistics, running statistics frozen, dropout on), batches of `train.batch_unlabeled`,
 Glow encoding with its random dequantisation. Reconstructions use Glow's deterministic encoding.
-Plots are drawn with Pillow alone (no matplotlib); the numbers behind them go to figures.json.
+Every figure is drawn with matplotlib (off-screen: `Figure` objects, no pyplot, no display) and
+written twice, as NAME.png and as the vector NAME.pdf beside it; the numbers behind the plots go
+to figures.json ("files": the PNGs, "vector_files": the PDFs).
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ import io
 import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor, nn
 
 from lvat.analysis.paper import METHOD_LABELS
@@ -33,67 +36,46 @@ from lvat.io import atomic_write, atomic_write_text
 from lvat.train import load_run
 from lvat.train.setup import build_regularizer
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 FIGURES_DIR = "figures"
 DEFAULT_EPS_VAT = 2.5  # SPEC section 4: VAT's eps on SVHN without augmentation
 BINS = 40
-COLORS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189))
+DPI = 100  # PNG pixels per inch: a 7.2 x 4.4 in histogram is 720 x 440 px
+VECTOR_FORMAT = "pdf"
 
 
-# ------------------------------------------------------------------ drawing with Pillow only
-def _font(size: int = 13) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)  # scalable font, Pillow >= 10.1
-    except TypeError:  # older Pillow: the fixed bitmap font
-        return ImageFont.load_default()
+# ------------------------------------------------------------------ drawing with matplotlib
+def _figure(**kwargs) -> Figure:
+    """A matplotlib Figure without pyplot: no global state, no display, no backend switch.
+    matplotlib is imported here, on first use, so that `import lvat.analysis` stays fast."""
+    from matplotlib.figure import Figure
+
+    return Figure(**kwargs)
 
 
-def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    """About n round tick values covering [lo, hi]."""
-    if not hi > lo:
-        return [lo]
-    raw = (hi - lo) / n
-    step = 10 ** math.floor(math.log10(raw))
-    step *= next(m for m in (1, 2, 2.5, 5, 10) if m * step >= raw)
-    first = math.ceil(lo / step - 1e-9) * step
-    return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
+def _integer_ticks(axis) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(integer=True))
 
 
-class _Axes:
-    """A panel of a figure: data coordinates -> pixels, frame, ticks, labels and legend."""
+def _save(fig: Figure, path: Path) -> Path:
+    """`path` (PNG) and its vector twin (same stem, .pdf), each written atomically: an
+    interrupted run never leaves half a file. Returns the vector file's path."""
+    from matplotlib import rc_context
 
-    def __init__(self, draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int]) -> None:
-        self.draw, self.font = draw, _font()
-        x0, y0, x1, y1 = box
-        self.box = (x0 + 62, y0 + 48, x1 - 20, y1 - 42)  # room for title, legend, tick labels
-        self.outer = box
-        self.xlim = self.ylim = (0.0, 1.0)
-
-    def px(self, x: float, y: float) -> tuple[float, float]:
-        (a, b), (c, d), (x0, y0, x1, y1) = self.xlim, self.ylim, self.box
-        return x0 + (x - a) / (b - a or 1) * (x1 - x0), y1 - (y - c) / (d - c or 1) * (y1 - y0)
-
-    def frame(self, title: str, xlabel: str, ylabel: str) -> None:
-        d, f, (x0, y0, x1, y1) = self.draw, self.font, self.box
-        d.rectangle(self.box, outline=(0, 0, 0))
-        for t in _ticks(*self.xlim):
-            px = self.px(t, self.ylim[0])[0]
-            d.line([(px, y1), (px, y1 + 4)], fill=(0, 0, 0))
-            d.text((px, y1 + 6), f"{t:g}", fill=(0, 0, 0), font=f, anchor="ma")
-        for t in _ticks(*self.ylim):
-            py = self.px(self.xlim[0], t)[1]
-            d.line([(x0 - 4, py), (x0, py)], fill=(0, 0, 0))
-            d.text((x0 - 6, py), f"{t:g}", fill=(0, 0, 0), font=f, anchor="rm")
-        d.text(((x0 + x1) / 2, self.outer[1] + 8), title, fill=(0, 0, 0), font=f, anchor="ma")
-        d.text(((x0 + x1) / 2, self.outer[3] - 4), xlabel, fill=(0, 0, 0), font=f, anchor="md")
-        d.text((self.outer[0] + 2, y0 - 40), ylabel, fill=(0, 0, 0), font=f)
-
-    def legend(self, items: list[tuple[str, tuple[int, int, int]]]) -> None:
-        """One row above the plot, so it never hides data."""
-        x, y = self.box[0], self.box[1] - 20
-        for label, color in items:
-            self.draw.rectangle([x, y + 2, x + 10, y + 12], fill=color)
-            self.draw.text((x + 14, y), label, fill=(0, 0, 0), font=self.font)
-            x += 30 + self.draw.textlength(label, font=self.font)
+    vector = path.with_suffix(f".{VECTOR_FORMAT}")
+    for target, fmt, meta in (
+        (path, "png", {}),
+        (vector, VECTOR_FORMAT, {"CreationDate": None}),  # same input, same bytes
+    ):
+        buf = io.BytesIO()
+        with rc_context({"pdf.fonttype": 42}):  # TrueType text in the PDF: editable, searchable
+            fig.savefig(buf, format=fmt, dpi=DPI, metadata=meta)
+        atomic_write(target, lambda f, b=buf: f.write(b.getvalue()))
+    return vector
 
 
 def _histogram(values: list[Tensor], lo: float, hi: float) -> list[list[int]]:
@@ -106,89 +88,87 @@ def draw_histograms(
     title: str,
     marker: tuple[float, str] | None = None,
 ) -> dict:
-    """Overlaid histograms (shared bins from 0) with an optional vertical marker line."""
+    """Overlaid histograms (shared bins from 0) with an optional vertical marker line.
+
+    The bars drawn are the counts returned (and written to figures.json), not a re-binning."""
     series = [(name, v[torch.isfinite(v)]) for name, v in series]
     tops = [float(v.max()) for _, v in series if len(v)] + [marker[0] if marker else 0.0]
     hi = max(tops) * 1.15 or 1.0
     counts = _histogram([v for _, v in series], 0.0, hi)
-    img = Image.new("RGB", (720, 440), "white")
-    draw = ImageDraw.Draw(img, "RGBA")  # RGBA drawing: overlapping bars stay visible
-    ax = _Axes(draw, (0, 0, 720, 440))
-    ax.xlim, ax.ylim = (0.0, hi), (0.0, max(max(c) for c in counts) * 1.1 or 1.0)
-    width = hi / BINS
-    for c, color in zip(counts, COLORS, strict=False):
-        for i, n in enumerate(c):
-            if n:
-                a, b = ax.px(i * width, 0), ax.px((i + 1) * width, n)
-                draw.rectangle([a[0], b[1], b[0], a[1]], fill=(*color, 140), outline=color)
+    edges = [i * hi / BINS for i in range(BINS + 1)]
+    fig = _figure(figsize=(7.2, 4.4), layout="constrained")
+    ax = fig.add_subplot()
+    for k, ((name, v), c) in enumerate(zip(series, counts, strict=True)):
+        color = f"C{k}"
+        ax.stairs(c, edges, fill=True, color=color, alpha=0.45, label=f"{name} (n={len(v)})")
+        ax.stairs(c, edges, color=color, linewidth=1.2)  # outline: overlaps stay readable
     if marker:
-        (x, top), (_, bottom) = ax.px(marker[0], ax.ylim[1]), ax.px(marker[0], 0)
-        for y in range(int(top), int(bottom), 8):  # dashed
-            draw.line([(x, y), (x, min(y + 4, bottom))], fill=(200, 0, 0), width=2)
-        right = x + 6 + draw.textlength(marker[1], font=ax.font) < ax.box[2]
-        anchor, dx = ("la", 6) if right else ("ra", -6)  # the label stays inside the plot
-        draw.text((x + dx, top + 6), marker[1], fill=(200, 0, 0), font=ax.font, anchor=anchor)
-    ax.frame(title, "L2 distance to x (pixels in [0, 1])", "images")
-    names = [f"{name} (n={len(v)})" for name, v in series]
-    ax.legend(list(zip(names, COLORS, strict=False)))
-    _save(img, path)
-    return {"edges": [i * width for i in range(BINS + 1)], "counts": counts}
+        ax.axvline(marker[0], color="crimson", linestyle="--", linewidth=1.8, label=marker[1])
+    ax.set_xlim(0.0, hi)
+    ax.set_ylim(0.0, max(max(c) for c in counts) * 1.1 or 1.0)
+    _integer_ticks(ax.yaxis)  # image counts
+    ax.set_title(title)
+    ax.set_xlabel("L2 distance to x (pixels in [0, 1])")
+    ax.set_ylabel("images")
+    ax.legend(loc="best", framealpha=0.9)
+    ax.grid(axis="y", alpha=0.3)
+    _save(fig, path)
+    return {"edges": edges, "counts": counts}
 
 
 def draw_curves(panels: list[tuple[str, str, list[tuple[str, list, list]]]], path: Path) -> None:
     """Line plots side by side: per panel (title, y label, [(name, steps, values)])."""
-    img = Image.new("RGB", (560 * len(panels), 400), "white")
-    draw = ImageDraw.Draw(img)
-    for k, (title, ylabel, lines) in enumerate(panels):
-        ax = _Axes(draw, (560 * k, 0, 560 * (k + 1), 400))
-        xs = [x for _, s, _ in lines for x in s] or [0.0]
-        ys = [y for _, _, v in lines for y in v if math.isfinite(y)] or [0.0]
-        ax.xlim = (min(0.0, min(xs)), max(xs) or 1.0)
-        ax.ylim = (min(0.0, min(ys)), max(ys) * 1.05 or 1.0)
-        for (_, steps, values), color in zip(lines, COLORS, strict=False):
-            pts = [ax.px(x, y) for x, y in zip(steps, values, strict=True) if math.isfinite(y)]
-            if len(pts) > 1:
-                draw.line(pts, fill=color, width=2)
-            for p in pts if len(pts) < 30 else pts[-1:]:  # dots where lines would hide points
-                draw.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=color)
-        ax.frame(title, "step", ylabel)
+    fig = _figure(figsize=(5.6 * len(panels), 4.0), layout="constrained")
+    for ax, (title, ylabel, lines) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels,
+                                          strict=True):  # fmt: skip
+        for name, steps, values in lines:
+            ys = [float(y) if math.isfinite(y) else math.nan for y in values]  # gaps, not spikes
+            ax.plot(steps, ys, marker="o" if len(ys) < 30 else None, markersize=4, label=name)
         if lines:
-            ax.legend([(name, color) for (name, _, _), color in zip(lines, COLORS, strict=False)])
-    _save(img, path)
+            ax.legend(loc="best", framealpha=0.9)
+        else:
+            ax.text(0.5, 0.5, "nothing logged", ha="center", va="center", transform=ax.transAxes)
+        ys = [y for _, _, v in lines for y in v if math.isfinite(y)]
+        if ys and min(ys) >= 0:
+            ax.set_ylim(bottom=0.0)  # losses and error rates: distances from 0 stay visible
+        _integer_ticks(ax.xaxis)  # steps are whole numbers
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    _save(fig, path)
 
 
-def draw_grid(rows: list[tuple[str, Tensor]], path: Path, cell: int = 64) -> None:
-    """Labeled image rows: each (label, images (N, C, H, W) in [0, 1]), enlarged to ~`cell` px."""
+def draw_grid(
+    rows: list[tuple[str, Tensor]], path: Path, cell: int = 64, title: str | None = None
+) -> None:
+    """Labeled image rows: each (label, images (N, C, H, W) in [0, 1]), enlarged to ~`cell` px.
+
+    Pixels stay square and crisp: every row is shown at an integer scale, nearest neighbour,
+    in axes sized to exactly that many PNG pixels (the PDF embeds the unscaled images)."""
     from lvat.images import tile  # the package's grid helper: uint8, NaN pixels drawn black
 
-    h = rows[0][1].shape[-2]
-    scale = max(1, round(cell / h))  # integer nearest-neighbour scaling keeps pixels crisp
-    strips = []
-    for _, images in rows:
-        canvas = tile(images, nrow=len(images), padding=1).permute(1, 2, 0)  # (H', W', C)
-        strip = Image.fromarray(
-            canvas.squeeze(-1).numpy() if canvas.shape[-1] == 1 else canvas.numpy()
-        )
-        strips.append(
-            strip.convert("RGB").resize((strip.width * scale, strip.height * scale), Image.NEAREST)
-        )
-    label_w = 120
-    img = Image.new(
-        "RGB", (label_w + max(s.width for s in strips), sum(s.height for s in strips)), "white"
-    )
-    draw, font, y = ImageDraw.Draw(img), _font(), 0
+    scale = max(1, round(cell / rows[0][1].shape[-2]))
+    strips = [tile(images, nrow=len(images), padding=1).permute(1, 2, 0).numpy()
+              for _, images in rows]  # fmt: skip
+    label_w, title_h = 120, 28 if title else 0
+    width = label_w + scale * max(s.shape[1] for s in strips)
+    height = title_h + scale * sum(s.shape[0] for s in strips)
+    fig = _figure(figsize=(width / DPI, height / DPI))
+    if title:
+        fig.text(0.5, 1 - title_h / 2 / height, title, ha="center", va="center", fontsize=11)
+    top = title_h
     for (label, _), strip in zip(rows, strips, strict=True):
-        draw.text((6, y + strip.height // 2), label, fill=(0, 0, 0), font=font, anchor="lm")
-        img.paste(strip, (label_w, y))
-        y += strip.height
-    _save(img, path)
-
-
-def _save(img: Image.Image, path: Path) -> None:
-    """PNG written atomically: an interrupted run never leaves half a file."""
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    atomic_write(path, lambda f: f.write(buf.getvalue()))
+        h, w = scale * strip.shape[0], scale * strip.shape[1]
+        ax = fig.add_axes((label_w / width, 1 - (top + h) / height, w / width, h / height))
+        grey = strip.shape[-1] == 1
+        ax.imshow(np.ascontiguousarray(strip[..., 0] if grey else strip),
+                  cmap="gray" if grey else None, vmin=0, vmax=255,
+                  interpolation="nearest", aspect="auto")  # fmt: skip
+        ax.set_axis_off()
+        fig.text(6 / width, 1 - (top + h / 2) / height, label, ha="left", va="center")
+        top += h
+    _save(fig, path)
 
 
 # ------------------------------------------------------------------ the numbers
@@ -310,7 +290,11 @@ def make_figures(
     rows = [("original", examples["x"])]
     if examples["recon"] is not None:
         rows.append(("Dec(Enc(x))", examples["recon"][:grid]))
-    draw_grid([*rows, ("adversarial", examples["adv"])], files["fig3"])
+    draw_grid(
+        [*rows, ("adversarial", examples["adv"])],
+        files["fig3"],
+        title=f"Fig. 3: {label}, eps = {method.eps:g}",
+    )
     if recon is not None:
         files["fig4"] = out / "fig4_adv_vs_recon.png"
         both = draw_histograms(
@@ -333,7 +317,10 @@ def make_figures(
         if any(k in r for r in evals)
     ]
     draw_curves(
-        [("training (log windows)", "", loss_lines), ("evaluation", "error %", err_lines)],
+        [
+            ("training", "mean over each log window", loss_lines),
+            ("evaluation", "error %", err_lines),
+        ],
         files["curves"],
     )
 
@@ -353,6 +340,7 @@ def make_figures(
         "histograms": hist,
         "accuracy": {**accuracy, "count": n, "unit": "% of the sampled test images"},
         "files": {k: str(v) for k, v in files.items()},
+        "vector_files": {k: str(v.with_suffix(f".{VECTOR_FORMAT}")) for k, v in files.items()},
     }
     atomic_write_text(out / "figures.json", json.dumps(info, indent=1) + "\n")
     return info
@@ -368,7 +356,10 @@ def summary_text(info: dict) -> str:
         "  classifier accuracy (eval mode): "
         + ", ".join(f"{names[k]} {acc[k]:.2f}%" for k in names if k in acc),
         f"  VAT eps marked in Fig. 2: {info['eps_vat']['value']:g} ({info['eps_vat']['source']})",
-        *(f"  {name}: {path}" for name, path in info["files"].items()),
+        *(
+            f"  {name}: {path} (vector: {info['vector_files'][name]})"
+            for name, path in info["files"].items()
+        ),
         f"  numbers: {Path(info['run']) / FIGURES_DIR / 'figures.json'}",
     ]
     return "\n".join(lines)
