@@ -41,6 +41,8 @@ def test_a_tiny_bench_writes_its_report_with_positive_timings(tmp_path, capsys):
     assert set(rows) == {
         ("sup-12", "ours"),
         ("lvat-vae+cache", "ours"),
+        ("vat+exact", "ours"),
+        ("lvat-vae+exact", "ours"),
         *((m, impl) for m in ("sup", "vat", "lvat-vae") for impl in ("ours", "naive")),
     }
     for r in rows.values():
@@ -49,6 +51,8 @@ def test_a_tiny_bench_writes_its_report_with_positive_timings(tmp_path, capsys):
     # VAT does more work than the plain step, and the naive probe also computes weight gradients.
     assert rows["vat", "ours"]["flops_per_step"] > rows["sup", "ours"]["flops_per_step"]
     assert rows["vat", "naive"]["flops_per_step"] > rows["vat", "ours"]["flops_per_step"]
+    # The exact product adds a forward-mode tangent to the probe pass: more FLOPs, no xi.
+    assert rows["vat+exact", "ours"]["flops_per_step"] > rows["vat", "ours"]["flops_per_step"]
     # The cache skips the encoder pass.
     assert (
         rows["lvat-vae+cache", "ours"]["flops_per_step"]

@@ -186,6 +186,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         channels_last=args.channels_last,
         compile=args.compile,
         cache_latents=args.cache_latents,
+        exact=not args.no_exact,
         naive=not args.no_naive,
         peak_size=args.peak_size,
         num_images=args.num_images,
@@ -302,8 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     fig = sub.add_parser(
         "figures",
         help="Figs. 2-4, training curves and Dec(Enc(x)) accuracy of a VAT/LVAT run",
-        description="Write PNGs and figures.json into RUN_DIR/figures/: histogram of "
-        "||x - x_adv|| (Fig. 2), image grids (Fig. 3), adversarial vs reconstruction "
+        description="Write PNG and PDF figures and figures.json into RUN_DIR/figures/: "
+        "histogram of ||x - x_adv|| (Fig. 2), image grids (Fig. 3), adversarial vs reconstruction "
         "distances (Fig. 4), training curves; print accuracy on x vs Dec(Enc(x)).",
     )
     fig.add_argument("run_dir", help="a VAT or LVAT run folder written by `lvat train`")
@@ -371,6 +372,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--cache-latents", action="store_true", help="add LVAT rows with train.cache_latents"
+    )
+    bench.add_argument(
+        "--no-exact",
+        action="store_true",
+        help="skip the VAT/LVAT rows with the exact power iteration (power_method exact)",
     )
     bench.add_argument("--no-naive", action="store_true", help="skip the naive baseline rows")
     bench.add_argument("--peak-size", type=int, default=None, help="matmul n (CPU 1024, GPU 8192)")

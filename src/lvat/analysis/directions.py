@@ -183,11 +183,10 @@ def summary_line(info: dict) -> str:
 
 
 def write_report(cosines: dict[str, Tensor], meta: dict, out: Path) -> dict:
-    """directions.json (per-sample cosines and summaries) and a histogram figure (PNG + PDF)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """directions.json (per-sample cosines and summaries) and a histogram figure (PNG + PDF),
+    each written atomically."""
+    from lvat.analysis.figures import _figure, _save
+    from lvat.io import atomic_write_text
 
     out.mkdir(parents=True, exist_ok=True)
     info = {
@@ -198,7 +197,8 @@ def write_report(cosines: dict[str, Tensor], meta: dict, out: Path) -> dict:
                   "pdf": str(out / "directions.pdf")},
     }  # fmt: skip
     cols = len(cosines)
-    fig, axes = plt.subplots(1, cols, figsize=(3.6 * cols, 3.0), squeeze=False)
+    fig = _figure(figsize=(3.6 * cols, 3.0))
+    axes = fig.subplots(1, cols, squeeze=False)
     bins = torch.linspace(-1, 1, 41).tolist()
     for ax, (key, values) in zip(axes[0], cosines.items(), strict=True):
         ax.hist(values.tolist(), bins=bins, color="#3b6ea5")
@@ -214,10 +214,8 @@ def write_report(cosines: dict[str, Tensor], meta: dict, out: Path) -> dict:
     axes[0][0].set_ylabel("images")
     fig.suptitle(summary_line(info).split(":", 1)[0], fontsize=10)
     fig.tight_layout()
-    fig.savefig(out / "directions.png", dpi=120)
-    fig.savefig(out / "directions.pdf")
-    plt.close(fig)
-    (out / "directions.json").write_text(json.dumps(info, indent=1) + "\n")
+    _save(fig, out / "directions.png")  # and directions.pdf
+    atomic_write_text(out / "directions.json", json.dumps(info, indent=1) + "\n")
     return info
 
 

@@ -70,6 +70,7 @@ class BenchOptions:
     channels_last: str = "auto"
     compile: str = "auto"  # auto: on for CUDA
     cache_latents: bool = False  # add LVAT rows with train.cache_latents on ("+cache")
+    exact: bool = True  # add VAT/LVAT rows with method.power_method = "exact" ("+exact")
     naive: bool = True
     peak_size: int | None = None
     num_images: int = 1024  # size of the random image pool the batches are drawn from
@@ -160,16 +161,21 @@ class _Setting:
         return net.to(self.device).train()
 
     def ours(
-        self, method: str, labeled: int, unlabeled: int, cache_latents: bool = False
+        self,
+        method: str,
+        labeled: int,
+        unlabeled: int,
+        cache_latents: bool = False,
+        power_method: str = "finite-difference",
     ) -> tuple[Callable, Callable]:
         """(eager step for counting FLOPs, step to time) of our training step."""
         opts, device = self.opts, self.device
         model = self.classifier()
         reg: VAT | LVAT | None = None
         if method == "vat":
-            reg = VAT(eps=EPS[method])
+            reg = VAT(eps=EPS[method], power_method=power_method)
         elif method.startswith("lvat"):
-            reg = LVAT(self.transformer(method[5:]), eps=EPS[method])
+            reg = LVAT(self.transformer(method[5:]), eps=EPS[method], power_method=power_method)
         batches = TrainBatches(
             self.data, self.split, labeled, unlabeled, device=device, seed=opts.seed
         )
@@ -263,6 +269,7 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = print) -> dict:
             "repeats": repeats,
             "steps_per_repeat": steps,
             "cache_latents": opts.cache_latents,
+            "exact": opts.exact,
             **fp.describe(),
         },
         "matmul_peak": peak.to_dict(),
@@ -274,6 +281,8 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = print) -> dict:
         plan.append((m, "ours"))
         if opts.cache_latents and m.startswith("lvat"):
             plan.append((f"{m}+cache", "ours"))
+        if opts.exact and m != "sup":
+            plan.append((f"{m}+exact", "ours"))
         if opts.naive:
             plan.append((m, "naive"))
     for name in opts.models:
@@ -325,8 +334,11 @@ def _run_row(
     if method == f"sup-{total}":
         count, prepared = setting.ours("sup", total, 1)
     else:
-        base, cached = method.removesuffix("+cache"), method.endswith("+cache")
-        count, prepared = setting.ours(base, opts.batch_labeled, opts.batch_unlabeled, cached)
+        base = method.removesuffix("+cache").removesuffix("+exact")
+        power = "exact" if method.endswith("+exact") else "finite-difference"
+        count, prepared = setting.ours(
+            base, opts.batch_labeled, opts.batch_unlabeled, method.endswith("+cache"), power
+        )
     flops = count_flops(count)  # eager, before channels-last/compile: FLOPs do not change
     try:
         step = prepared()
