@@ -81,3 +81,20 @@ def test_diagnose_refuses_a_supervised_run(toy_data, tmp_path, capsys):
     train(load_config(Config, None, tiny_run_flags(toy_data, run, **{"method.name": "sup"})))
     assert main(["diagnose", str(run)]) == 2
     assert "no perturbation to diagnose" in capsys.readouterr().err
+
+
+def test_diagnose_judges_another_xi_power_method_and_precision_on_the_same_run(
+    toy_data, tmp_path, capsys
+):
+    run = tmp_path / "vat"
+    train(load_config(Config, None, tiny_run_flags(toy_data, run)))
+    out = tmp_path / "exact-bf16"
+    args = ["diagnose", str(run), "--images", "16", "--reference-iterations", "3",
+            "--power-method", "exact", "--amp", "bf16", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    assert "(exact, xi=1e-06, bf16)" in capsys.readouterr().out
+    info = json.loads((out / "directions.json").read_text())
+    assert (info["power_method"], info["amp"], info["count"]) == ("exact", "bf16", 16)
+    assert not (run / "diagnostics").exists()
+    assert main(["diagnose", str(run), "--images", "16", "--xi", "0.001", "--out", str(out)]) == 0
+    assert json.loads((out / "directions.json").read_text())["xi"] == 0.001

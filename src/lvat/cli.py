@@ -146,6 +146,10 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
         reference_iterations=args.reference_iterations,
         seed=args.seed,
         device=args.device,
+        xi=args.xi,
+        power_method=args.power_method,
+        amp=args.amp,
+        out=args.out,
     )
     print(summary_line(info))
     print(f"wrote {info['files']['json']}, {info['files']['png']} and {info['files']['pdf']}")
@@ -342,6 +346,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="exact float64 products for the top eigenvector (30)",
     )
     diag.add_argument("--seed", type=int, default=0, help="seed for images and the random d")
+    diag.add_argument("--xi", type=float, help="judge this xi instead of the run's")
+    diag.add_argument(
+        "--power-method",
+        choices=("finite-difference", "exact"),
+        help="judge this power method instead of the run's",
+    )
+    diag.add_argument(
+        "--amp", choices=("off", "bf16"), default="off", help="the direction under bf16 autocast"
+    )
+    diag.add_argument("--out", help="folder for the report (default RUN_DIR/diagnostics)")
     diag.add_argument("--device", default=None, help="device (default: the run's)")
     diag.set_defaults(func=_cmd_diagnose)
     bench = sub.add_parser(

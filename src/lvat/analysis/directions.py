@@ -23,7 +23,9 @@ but with dropout off, so that every computation sees the same network.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import json
 import math
 from collections.abc import Callable
@@ -92,6 +94,7 @@ def direction_quality(
     *,
     reference_iterations: int = 30,
     seed: int = 0,
+    amp_dtype: torch.dtype | None = None,
 ) -> dict[str, Tensor]:
     """Per-sample cosines (B,) of the run's direction with the references of the module docstring.
 
@@ -101,6 +104,8 @@ def direction_quality(
         x: a batch of images (B, ...) in the run's precision (float32), on the model's device.
         reference_iterations: exact float64 products for the top eigenvector.
         seed: seeds the random d (the same for every computation).
+        amp_dtype: compute the run's direction under autocast to this dtype (e.g. bfloat16), as
+            a training step with `train.amp` would; the references stay float64.
 
     Returns:
         {key: (B,) float64 tensor} for the keys of `KEYS` that apply (no "first_order" for VAT).
@@ -117,7 +122,13 @@ def direction_quality(
         t64 = copy.deepcopy(regularizer.transformer).double()
     x64 = x.double()
     try:
-        run = _seeded(seed, lambda: regularizer.perturbation(model, x))
+        amp = (
+            torch.autocast(x.device.type, dtype=amp_dtype)
+            if amp_dtype is not None
+            else contextlib.nullcontext()
+        )
+        with amp:
+            run = _seeded(seed, lambda: regularizer.perturbation(model, x))
         same64 = _seeded(seed, lambda: _like(regularizer, t64).perturbation(model64, x64))
         top = _seeded(
             seed,
@@ -178,7 +189,8 @@ def summary_line(info: dict) -> str:
         s = info["summary"].get(key)
         if s is not None:
             parts.append(f"{label}: median {s['median']:.2f} ({100 * s['below_0.9']:.0f}% < 0.9)")
-    head = f"direction of {info['method']} ({info['power_method']}, xi={info['xi']:g})"
+    amp = ", bf16" if info.get("amp") == "bf16" else ""
+    head = f"direction of {info['method']} ({info['power_method']}, xi={info['xi']:g}{amp})"
     return f"{head} on {info['count']} test images: " + "; ".join(parts)
 
 
@@ -227,9 +239,17 @@ def diagnose_run(
     reference_iterations: int = 30,
     seed: int = 0,
     device: str | None = None,
+    xi: float | None = None,
+    power_method: str | None = None,
+    amp: str = "off",
+    out: str | Path | None = None,
 ) -> dict:
     """`lvat diagnose RUN_DIR`: the direction cosines of a VAT/LVAT run on its test images,
-    written to RUN_DIR/diagnostics/; returns directions.json's content."""
+    written to RUN_DIR/diagnostics/ (or `out`); returns directions.json's content.
+
+    `xi`, `power_method` and `amp` ("off" or "bf16") replace the run's own settings for the
+    direction being judged: what another choice would have given on the same trained network.
+    """
     from lvat.data import to_float
     from lvat.errors import LvatError
     from lvat.train.runs import load_run
@@ -237,6 +257,10 @@ def diagnose_run(
 
     run = load_run(run_dir, device)
     method = run.config.method
+    changes = {"xi": xi, "power_method": power_method}
+    method = dataclasses.replace(method, **{k: v for k, v in changes.items() if v is not None})
+    if amp not in ("off", "bf16"):
+        raise LvatError(f"--amp must be off or bf16, got {amp!r}")
     regularizer = build_regularizer(method, run.device)
     if regularizer is None:
         raise LvatError(f"{run.path} is a '{method.name}' run: no perturbation to diagnose")
@@ -250,7 +274,12 @@ def diagnose_run(
     for i, chunk in enumerate(torch.tensor_split(idx, math.ceil(n / bs))):
         x = to_float(x_test[chunk].to(run.device))
         got = direction_quality(
-            run.model, regularizer, x, reference_iterations=reference_iterations, seed=seed + i
+            run.model,
+            regularizer,
+            x,
+            reference_iterations=reference_iterations,
+            seed=seed + i,
+            amp_dtype=torch.bfloat16 if amp == "bf16" else None,
         )
         for k, v in got.items():
             parts.setdefault(k, []).append(v)
@@ -264,9 +293,10 @@ def diagnose_run(
         "power_method": method.power_method,
         "xi": method.xi,
         "power_iterations": method.power_iterations,
+        "amp": amp,
         "reference_iterations": reference_iterations,
         "count": n,
         "batch_size": bs,
         "seed": seed,
     }
-    return write_report(cosines, meta, run.path / "diagnostics")
+    return write_report(cosines, meta, Path(out) if out else run.path / "diagnostics")
