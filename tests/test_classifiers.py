@@ -133,7 +133,7 @@ def test_conv_large_parameter_count() -> None:
 
 
 def test_conv_large_forward_is_1_45_gflop_per_32x32_image() -> None:
-    """SPEC section 6: 2 x multiply-adds of convs + fc for one 32x32x3 image."""
+    """docs/method.md §3.1: 2 x multiply-adds of convs + fc for one 32x32x3 image."""
     model = ConvLarge(in_channels=3, num_classes=10).eval()
     macs: list[int] = []
 

@@ -1,4 +1,4 @@
-"""Shipped config files parse, and the paper's carry SPEC section 4's values."""
+"""Shipped config files parse, and the paper's carry docs/method.md §5's values."""
 
 from __future__ import annotations
 

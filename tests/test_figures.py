@@ -103,7 +103,7 @@ def test_lvat_figures_are_written_with_the_requested_sample_count(method, runs, 
         assert 0 <= acc[key] <= 100
         assert acc[key] * SAMPLES / 100 == pytest.approx(round(acc[key] * SAMPLES / 100))
     assert f"Dec(Enc(x)) {acc['recon']:.2f}%" in printed
-    assert info["eps_vat"] == {"value": 2.5, "source": "default (SPEC: SVHN)"}
+    assert info["eps_vat"] == {"value": 2.5, "source": "default (paper: SVHN)"}
     w, h = _check_png(out / "fig3_examples.png")
     assert h > 3 * 64 and w > 10 * 64  # 3 rows (original / Dec(Enc(x)) / adversarial) of 10
 

@@ -1,4 +1,4 @@
-"""LVAT behaves as SPEC §1 says: latent groups, frozen transformer, target p(x), shared passes."""
+"""LVAT as docs/method.md §1 says: latent groups, frozen transformer, target p(x), shared passes."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""VAT and the shared regularizer maths behave as SPEC §1 says, for any model."""
+"""VAT and the shared regularizer maths behave as docs/method.md §1 says, for any model."""
 
 from __future__ import annotations
 

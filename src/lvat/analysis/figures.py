@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 FIGURES_DIR = "figures"
-DEFAULT_EPS_VAT = 2.5  # SPEC section 4: VAT's eps on SVHN without augmentation
+DEFAULT_EPS_VAT = 2.5  # docs/method.md §5.2: VAT's eps on SVHN without augmentation
 BINS = 40
 DPI = 100  # PNG pixels per inch: a 7.2 x 4.4 in histogram is 720 x 440 px
 VECTOR_FORMAT = "pdf"
@@ -246,7 +246,7 @@ def make_figures(
     if method.name == "vat":
         marker = (method.eps, "run config")
     else:
-        marker = (eps_vat, "--eps-vat") if eps_vat else (DEFAULT_EPS_VAT, "default (SPEC: SVHN)")
+        marker = (eps_vat, "--eps-vat") if eps_vat else (DEFAULT_EPS_VAT, "default (paper: SVHN)")
 
     x_test, y_test = run.dataset.x_test, run.dataset.y_test
     n = min(samples, len(x_test))

@@ -1,6 +1,6 @@
 """The paper's Table 3 (Osada et al., ECCV 2020) as data: test error in %, lower is better.
 
-Copied exactly from SPEC section 5. SSL cells use 1,000 labels (SVHN) and 4,000 (CIFAR-10);
+Copied exactly from docs/method.md §7.1. SSL cells use 1,000 labels (SVHN) and 4,000 (CIFAR-10);
 SL cells use every training label. The VAT row is the LVAT paper's own VAT runs, not the
 VAT paper's numbers. Nothing else in the package depends on these values: they are the
 reference column of `lvat report`.

@@ -44,8 +44,8 @@ from lvat.train.step import STATS, train_step
 
 MODELS = {"conv-large": (3, 32, 32), "conv-small": (1, 32, 32)}  # classifier -> image shape
 METHODS = ("sup", "vat", "lvat-vae", "lvat-glow")
-EPS = {"vat": 2.5, "lvat-vae": 1.5, "lvat-glow": 1.0}  # paper values (SPEC section 4)
-# Targets of the issue: step time relative to sup-160, and speedup over the naive port.
+EPS = {"vat": 2.5, "lvat-vae": 1.5, "lvat-glow": 1.0}  # paper values (docs/method.md §5.2)
+# Performance targets: step time at most this many times sup-160's, and speedup over the naive port.
 RATIO_TARGETS = {"vat": 3.0, "lvat-glow": 4.5}
 NAIVE_TARGET = {"cuda": 2.0}  # elsewhere: not slower (1.0)
 NOTE = (
@@ -358,7 +358,7 @@ def _run_row(
 
 
 def _targets(rows: list[Row], device: torch.device) -> list[dict]:
-    """The issue's targets for the rows present, each with the FLOP ratio that bounds it."""
+    """The performance targets for the rows present, each with the FLOP ratio that bounds it."""
     ours = {r.name: r for r in rows if r.impl == "ours"}
     naive = {r.name: r for r in rows if r.impl == "naive"}
     ref = next((r for r in rows if r.name.startswith("sup-")), None)

@@ -70,7 +70,7 @@ class MethodConfig:
     name: Literal["sup", "vat", "lvat"] = "vat"
     """sup: cross-entropy only; vat: Miyato et al.; lvat: VAT in the latent space of a VAE/Glow."""
     eps: float = option(2.5, gt=0.0)
-    """Perturbation norm: input-space L2 for VAT, latent L2 per group for LVAT (SPEC section 4:
+    """Perturbation norm: input-space L2 for VAT, latent L2 per group for LVAT (docs/method.md §5.2:
     VAT 2.5/3.5/10/8, LVAT-VAE 1.5/1.0, LVAT-Glow 1.0)."""
     xi: float = option(1e-6, gt=0.0)
     """Finite-difference step of the power iteration (authors' code: 1e-6 in both spaces)."""
@@ -198,7 +198,7 @@ def _check_labels(data: DataConfig) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# `lvat fit vae|glow`: training the generative transformers (SPEC section 2).
+# `lvat fit vae|glow`: training the generative transformers (docs/method.md §5.3, §5.4).
 #
 # One budget unit for both kinds, as for the classifier: parameter updates (`steps`). The VAE
 # recipe of the paper is in epochs; its defaults below are converted for SVHN (73,257 training

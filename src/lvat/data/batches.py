@@ -47,7 +47,7 @@ def augment(
 
 
 def to_float(x: torch.Tensor) -> torch.Tensor:
-    """uint8 0..255 -> float32 in [0, 1] (SPEC: images enter models in [0, 1], no ZCA)."""
+    """uint8 0..255 -> float32 in [0, 1] (docs/method.md §1.9: [0, 1], no ZCA)."""
     return x.float().div_(255)
 
 

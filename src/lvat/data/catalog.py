@@ -35,7 +35,7 @@ class OfficialDataset:
     read: Callable[[Path], Arrays]
     homepage: str
     archive: OfficialFile | None = None  # downloaded, verified, then safely extracted
-    flip: bool = False  # default for random horizontal flips (SPEC section 3)
+    flip: bool = False  # default for random horizontal flips (docs/method.md §4.3)
     apt_package: str = ""  # Debian package that installs it under /usr/share/datasets
 
     @property

@@ -1,4 +1,4 @@
-"""`lvat fit vae|glow`: train the generative transformer that LVAT perturbs (SPEC section 2).
+"""`lvat fit vae|glow`: train the transformer that LVAT perturbs (docs/method.md §3.3-3.5).
 
 The transformer is trained once per dataset (and augmentation setting) on ALL training images,
 labels ignored, then frozen and reused by every LVAT classifier run (paper section 5.2). Test

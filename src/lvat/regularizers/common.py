@@ -1,4 +1,4 @@
-"""Pure functions and context managers shared by VAT and LVAT (SPEC §1).
+"""Pure functions and context managers shared by VAT and LVAT (docs/method.md §1).
 
 Everything here is independent of the classifier, the transformer, datasets and configs:
 
@@ -52,7 +52,7 @@ _SQ_EPS = 1e-6
 
 
 def perturbation_dtype(t: Tensor) -> torch.dtype:
-    """Dtype for perturbation maths: at least float32, float64 kept (SPEC §1).
+    """Dtype for perturbation maths: at least float32, float64 kept (docs/method.md §1.6).
 
     xi = 1e-6 times a unit vector spread over thousands of elements is lost in bf16/fp16, so half
     precision inputs and latents are promoted to float32 even under autocast.
@@ -191,7 +191,8 @@ def zero_direction(r: Sequence[Tensor], eps: float) -> Tensor:
 def frozen_bn_stats(model: nn.Module) -> Iterator[None]:
     """Inside, BatchNorm layers use batch statistics in train mode but update no running stats.
 
-    SPEC §1: only the labeled pass updates running_mean/running_var/num_batches_tracked. With
+    docs/method.md §1.7: only the labeled pass updates running_mean/running_var/
+    num_batches_tracked. With
     `track_running_stats=False` in train mode, `_BatchNorm.forward` passes no buffers to
     `F.batch_norm` (batch statistics, no update) and skips `num_batches_tracked += 1`; in eval mode
     the buffers are still used read-only. Covers BatchNorm1d/2d/3d, SyncBatchNorm and the lazy

@@ -135,7 +135,7 @@ class LVAT:
             # True float32 even under autocast: a bf16 Glow latent would not decode back to x.
             with torch.no_grad(), full_precision(x.device):
                 z = t.encode(x.to(perturbation_dtype(x)) if x.is_floating_point() else x)
-        # float32 latent maths even under autocast (SPEC §1); float64 latents stay float64.
+        # float32 latent maths even under autocast (docs/method.md §1.6); float64 stays float64.
         base = [g.detach().to(perturbation_dtype(g)) for g in _groups(z)]
         out = virtual_adversarial(
             model,

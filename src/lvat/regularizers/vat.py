@@ -68,7 +68,7 @@ def virtual_adversarial(
 
     The classifier runs on: x (clean target), to_input(base + xi*d) (`power_iterations` times)
     and to_input(base + r) (only if `with_loss`). All these passes share one set of dropout masks
-    and use batch statistics without touching BatchNorm running stats (SPEC §1). Under autocast
+    and use batch statistics, running stats untouched (docs/method.md §1.7). Under autocast
     only the last classifier pass (the one the loss's parameter gradients come from) runs in
     reduced precision; the others, and `to_input`, run in true float32 (`full_precision`).
 
@@ -105,7 +105,7 @@ def virtual_adversarial(
         # Target, probes and x_adv in true float32 (`full_precision`: a bf16/TF32 probe rounds
         # away and g == 0); only the adversarial pass below runs in the caller's precision.
         with full_precision(x.device):
-            # Entropy needs the clean pass's graph; otherwise the target needs none (SPEC §1).
+            # VAT+Ent needs the clean pass's graph; the target needs none (docs/method.md §1.7).
             keep_graph = with_loss and entropy_weight > 0
             # The same dtype as the probes' inputs (a bf16 x would meet float32 weights here).
             x_clean = x.to(perturbation_dtype(x)) if x.is_floating_point() else x
@@ -156,7 +156,7 @@ def virtual_adversarial(
 
 
 def _vat(model: nn.Module, x: Tensor, vat: VAT, with_loss: bool) -> VirtualAdversarial:
-    base = x.detach().to(perturbation_dtype(x))  # float32 maths even under autocast (SPEC §1)
+    base = x.detach().to(perturbation_dtype(x))  # float32 even under autocast (docs/method.md §1.6)
     return virtual_adversarial(
         model,
         x,
