@@ -375,39 +375,18 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
     return from_dict(cls, _merge(data, parse_overrides(overrides, cls)))
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # JSON string escapes are valid TOML basic strings
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {value!r} to TOML")
+def _without_none(table: dict[str, Any]) -> dict[str, Any]:
+    """TOML has no null: an unset (None) option is left out, and reads back as its default."""
+    return {
+        k: _without_none(v) if isinstance(v, dict) else v for k, v in table.items() if v is not None
+    }
 
 
 def dumps_toml(cfg: Any) -> str:
-    """Render a config as TOML (top-level scalars first, then one table per section)."""
-    data = to_dict(cfg)
-    lines: list[str] = []
-    tables: list[tuple[str, dict]] = []
+    """Render a config as TOML (top-level keys first, then one table per section), by tomli-w."""
+    import tomli_w
 
-    def emit(table: dict[str, Any], name: str) -> None:
-        for k, v in table.items():
-            if isinstance(v, dict):
-                tables.append((f"{name}.{k}" if name else k, v))
-            elif v is None:
-                lines.append(f"# {k} is unset")
-            else:
-                lines.append(f"{k} = {_toml_value(v)}")
-
-    emit(data, "")
-    while tables:
-        name, table = tables.pop(0)
-        lines.append(f"\n[{name}]")
-        emit(table, name)
-    return "\n".join(lines).lstrip("\n") + "\n"
+    return tomli_w.dumps(_without_none(to_dict(cfg)))
 
 
 def save_config(cfg: Any, path: str | Path) -> Path:

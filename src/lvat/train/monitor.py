@@ -154,39 +154,48 @@ def _clock(seconds: float) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
-class Progress:
-    """`step 1200/48000  2.5%  12.3 step/s  ETA 1:05:12  loss 0.531` on stderr.
+LOG_LINE = "step {n_fmt}/{total_fmt}  {percentage:5.1f}%  {rate_fmt}  ETA {remaining}"
 
-    Redrawn in place on a terminal; otherwise a plain line at most every 30 s (log files).
+
+class Progress:
+    """`step 1200/48000  2.5%  12.3 step/s  ETA 1:05:12  loss 0.531`-style progress on stderr.
+
+    A tqdm bar redrawn in place on a terminal; elsewhere (log files) tqdm's same line, printed
+    plainly at most every 30 s, so a log reads top to bottom without carriage returns.
     """
 
     def __init__(self, total: int, start: int = 0, enabled: bool = True):
+        from tqdm import tqdm
+
         self.total, self.start, self.enabled = total, start, enabled
-        self.t0 = self.last = time.perf_counter()
         self.tty = sys.stderr.isatty()
-        self.text = ""
+        self.t0 = self.last = time.perf_counter()
+        self.bar = None
+        if enabled and self.tty:
+            self.bar = tqdm(
+                total=total, initial=start, unit="step", file=sys.stderr, dynamic_ncols=True
+            )
 
     def update(self, step: int, **info: float) -> None:
+        if not self.enabled:
+            return
+        postfix = {k: f"{v:.4g}" for k, v in info.items()}
+        if self.bar is not None:
+            self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(step - self.bar.n)
+            return
         now = time.perf_counter()
-        if not self.enabled or (
-            now - self.last < (0.5 if self.tty else 30.0) and step < self.total
-        ):
+        if now - self.last < 30.0 and step < self.total:
             return
         self.last = now
-        rate = (step - self.start) / max(now - self.t0, 1e-9)
-        eta = (self.total - step) / rate if rate > 0 else float("nan")
-        extra = "  ".join(f"{k} {v:.4g}" for k, v in info.items())
-        self.text = (
-            f"step {step}/{self.total}  {100 * step / self.total:5.1f}%  {rate:.2f} step/s  "
-            f"ETA {_clock(eta) if eta == eta else '?'}  {extra}"
+        from tqdm import tqdm
+
+        line = tqdm.format_meter(
+            step, self.total, now - self.t0, unit=" step", initial=self.start, bar_format=LOG_LINE
         )
-        print(
-            ("\r" if self.tty else "") + self.text,
-            end="" if self.tty else "\n",
-            file=sys.stderr,
-            flush=True,
-        )
+        extra = "".join(f"  {k} {v}" for k, v in postfix.items())
+        print(line + extra, file=sys.stderr, flush=True)
 
     def close(self) -> None:
-        if self.enabled and self.tty and self.text:
-            print(file=sys.stderr)
+        if self.bar is not None:
+            self.bar.close()
