@@ -17,3 +17,6 @@ from lvat.models.vae import VAE  # noqa: E402
 from lvat.regularizers import LVAT, VAT  # noqa: E402
 
 __all__ = ["LVAT", "VAE", "VAT", "Glow", "__version__", "load_transformer", "save_transformer"]
+
+# Plugins: a new method (`lvat.regularizers.register_method`, `Method`) or transformer kind
+# (`lvat.models.register_kind`, `TransformerKind`) registers from outside the package.

@@ -211,10 +211,12 @@ def _official() -> tuple[str, ...]:
     return tuple(DATASETS)
 
 
-def _config_help(cls_path: str) -> str:
+def _config_help(cls: str | type) -> str:
+    """The config keys of `cls` (a class, or its name in `lvat.config`) for an epilog."""
     from lvat import config
 
-    return "config keys (flags override the file):\n" + config.help_text(getattr(config, cls_path))
+    cls = getattr(config, cls) if isinstance(cls, str) else cls
+    return "config keys (flags override the file):\n" + config.help_text(cls)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -255,29 +257,35 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--config", default=None, help="TOML or YAML config file")
     _add_resume(tr, "run")
     tr.set_defaults(func=_cmd_train, takes_overrides=True)
+    from lvat.models.registry import KINDS, kinds_text
+
     fit = sub.add_parser(
         "fit",
-        help="train a transformer for LVAT: a VAE or a Glow",
-        description="Train the VAE or Glow whose latent space LVAT perturbs, on all training "
-        "images (labels ignored); evaluate on test images; write PNG grids and a checkpoint "
-        "that `--method.transformer` accepts. See `lvat fit vae --help`, `lvat fit glow --help`.",
+        help=f"train a transformer for LVAT: {kinds_text(', ')}",
+        description=f"Train the transformer ({kinds_text()}) whose latent space LVAT perturbs, on "
+        "all training images (labels ignored); evaluate on test images; write PNG grids and a "
+        "checkpoint that `--method.transformer` accepts. See "
+        + ", ".join(f"`lvat fit {k} --help`" for k in KINDS)
+        + ".",
     )
     fit_sub = fit.add_subparsers(dest="kind", metavar="KIND", required=True)
-    for kind, cls, what in (
-        ("vae", "VAEFitConfig", "the VAE of LVAT-VAE (paper Table 2; BCE + 0.1 KL)"),
-        ("glow", "GlowFitConfig", "the Glow of LVAT-Glow (L=3, K=22, 5-bit; NLL in bits/dim)"),
-    ):
+    for kind in KINDS.values():
+        what = kind.help or f"the {kind.display or kind.name}"
+        size = (
+            f" H and W must be divisible by {kind.divisible}, so 28x28 images need "
+            "--data.pad_to 32, and the classifier run must then use the same data.pad_to."
+            if kind.divisible
+            else ""
+        )
         fk = fit_sub.add_parser(
-            kind,
+            kind.name,
             help=f"train {what}",
-            usage=f"lvat fit {kind} [--config FILE | --resume RUN_DIR] [--dataset NAME] "
+            usage=f"lvat fit {kind.name} [--config FILE | --resume RUN_DIR] [--dataset NAME] "
             "[--key value ...]",
-            description=f"Train {what}. H and W must be divisible by 8 (VAE; Glow: 2^n_levels), "
-            "so 28x28 images need --data.pad_to 32, and the classifier run must then use the same "
-            "data.pad_to. The data.num_labeled / num_validation / split keys are ignored: every "
-            "training image is used, labels ignored.",
+            description=f"Train {what}.{size} The data.num_labeled / num_validation / split keys "
+            "are ignored: every training image is used, labels ignored.",
             formatter_class=argparse.RawDescriptionHelpFormatter,
-            epilog=_config_help(cls),
+            epilog=_config_help(kind.config),
         )
         fk.add_argument("--config", default=None, help="TOML or YAML config (configs/fit/)")
         fk.add_argument("--dataset", default=None, metavar="NAME", help="same as --data.name")

@@ -252,6 +252,8 @@ def diagnose_run(
     """
     from lvat.data import to_float
     from lvat.errors import LvatError
+    from lvat.models.registry import kind_for_model
+    from lvat.regularizers import method_key
     from lvat.train.runs import load_run
     from lvat.train.setup import build_regularizer
 
@@ -262,8 +264,10 @@ def diagnose_run(
     if amp not in ("off", "bf16"):
         raise LvatError(f"--amp must be off or bf16, got {amp!r}")
     regularizer = build_regularizer(method, run.device)
-    if regularizer is None:
+    if not isinstance(regularizer, VAT | LVAT):  # sup, or a plugin's cost without a direction
         raise LvatError(f"{run.path} is a '{method.name}' run: no perturbation to diagnose")
+    transformer = getattr(regularizer, "transformer", None)
+    kind = kind_for_model(transformer).name if transformer is not None else None
     if images < 2:
         raise LvatError("--images must be at least 2 (BatchNorm needs batch statistics)")
     x_test = run.dataset.x_test
@@ -287,9 +291,7 @@ def diagnose_run(
     meta = {
         "run": str(run.path),
         "step": run.step,
-        "method": "vat"
-        if method.name == "vat"
-        else f"lvat-{type(regularizer.transformer).__name__.lower()}",
+        "method": method_key(method.name, kind),
         "power_method": method.power_method,
         "xi": method.xi,
         "power_iterations": method.power_iterations,

@@ -18,7 +18,6 @@ to figures.json ("files": the PNGs, "vector_files": the PDFs).
 
 from __future__ import annotations
 
-import inspect
 import io
 import json
 import math
@@ -29,10 +28,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lvat.analysis.paper import METHOD_LABELS
 from lvat.data import to_float
 from lvat.errors import LvatError
 from lvat.io import atomic_write, atomic_write_text
+from lvat.models.registry import kind_for_model
+from lvat.regularizers import METHODS, method_key, method_label
 from lvat.train import load_run
 from lvat.train.setup import build_regularizer
 
@@ -173,10 +173,8 @@ def draw_grid(
 
 # ------------------------------------------------------------------ the numbers
 def _reconstruct(transformer: nn.Module, x: Tensor) -> Tensor:
-    """Dec(Enc(x)), with Glow's deterministic (bin-centre) dequantisation."""
-    if "deterministic" in inspect.signature(transformer.encode).parameters:
-        return transformer.decode(transformer.encode(x, deterministic=True))
-    return transformer.decode(transformer.encode(x))
+    """Dec(Enc(x)) as its kind reconstructs (Glow: deterministic, bin-centre dequantisation)."""
+    return kind_for_model(transformer).reconstruct(transformer, x)
 
 
 def _l2(a: Tensor, b: Tensor) -> Tensor:
@@ -231,11 +229,13 @@ def make_figures(
         raise LvatError("--samples must be at least 2 (BatchNorm needs batch statistics)")
     run = load_run(run_dir, device)
     method = run.config.method
-    if method.name not in ("vat", "lvat"):
-        raise LvatError(f"{run.path} is a '{method.name}' run; figures need a VAT or LVAT run")
+    entry = METHODS[method.name]
+    if not entry.adversarial:
+        drawable = " or ".join(m.display for m in METHODS.values() if m.adversarial)
+        raise LvatError(f"{run.path} is a '{method.name}' run; figures need a {drawable} run")
     regularizer = build_regularizer(method, run.device)
     model, dev = run.model, run.device
-    if method.name == "lvat":
+    if entry.needs_transformer:
         tf = regularizer.transformer
     elif transformer:
         from lvat.models.transformers import load_transformer
@@ -243,7 +243,7 @@ def make_figures(
         tf = load_transformer(transformer, dev)
     else:
         tf = None
-    if method.name == "vat":
+    if not entry.needs_transformer:  # eps in input units, as VAT's
         marker = (method.eps, "run config")
     else:
         marker = (eps_vat, "--eps-vat") if eps_vat else (DEFAULT_EPS_VAT, "default (paper: SVHN)")
@@ -276,9 +276,9 @@ def make_figures(
 
     out = run.path / FIGURES_DIR
     out.mkdir(exist_ok=True)
-    adv_name = "Dec(Enc(x) + r)" if method.name == "lvat" else "(x + r_vat)"
-    key = f"lvat-{type(tf).__name__.lower()}" if method.name == "lvat" else "vat"
-    label = METHOD_LABELS.get(key, "LVAT")
+    adv_name = "Dec(Enc(x) + r)" if entry.needs_transformer else "(x + r_vat)"
+    kind = kind_for_model(tf).name if entry.needs_transformer else None
+    key, label = method_key(method.name, kind), method_label(method.name, kind)
     files = {"fig2": out / "fig2_adv_distance.png", "fig3": out / "fig3_examples.png"}
     fig2 = draw_histograms(
         [(f"||x - {adv_name}||", adv)],
@@ -336,7 +336,7 @@ def make_figures(
         "count": n,
         "seed": seed,
         "batch_size": bs,
-        "transformer": method.transformer if method.name == "lvat" else (transformer or ""),
+        "transformer": method.transformer if entry.needs_transformer else (transformer or ""),
         "histograms": hist,
         "accuracy": {**accuracy, "count": n, "unit": "% of the sampled test images"},
         "files": {k: str(v) for k, v in files.items()},

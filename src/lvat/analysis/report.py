@@ -4,7 +4,9 @@ A run is read from its folder alone (results.json, config.toml, split.json), nev
 report over hundreds of runs takes seconds. Runs are grouped into the cells of Table 3:
 
     rows     method: sup, VAT, LVAT-VAE, LVAT-Glow (LVAT if the transformer's kind is unknown),
-             "+Ent" with entropy minimisation, and "eps=X" when one method was run at several eps
+             any registered method by its display name (`lvat.regularizers.METHODS`; "-KIND"
+             with a transformer of a registered kind), "+Ent" with entropy minimisation, and
+             "eps=X" when one method was run at several eps
     columns  dataset, augmentation, SSL (with its label count) or SL (every label)
 
 Each cell holds the mean and sample standard deviation (ddof=1) of the runs' test error and their
@@ -42,10 +44,11 @@ from lvat.analysis.paper import (
 )
 from lvat.errors import LvatError
 from lvat.io import atomic_write_text
+from lvat.models.registry import KINDS
+from lvat.regularizers import METHODS, method_key, method_label
 
 CSV_FIELDS = ("method", "dataset", "aug", "setting", "mean", "std", "n", "paper")
 CSV_EXTRA = ("num_labeled", "eps", "runs_differ_in", "runs")
-_METHOD_ORDER = ("sup", "vat", "lvat-vae", "lvat-glow", "lvat")
 # Settings that should agree between the seeds of one cell; a difference is flagged, not hidden.
 _SAME_WITHIN_CELL = (
     ("model", "name"),
@@ -70,12 +73,19 @@ class RunInfo:
     config: dict  # raw config.toml
     error: float | None  # test (or validation) error; None: no results.json yet
     progress: str = ""  # "step 300/48000" for unfinished runs
+    method: str = ""  # method.name ("lvat"); cell.method is the row key ("lvat-vae")
+    kind: str = ""  # the transformer's kind ("vae"), "" without one or if unknown
 
     @property
     def row(self) -> str:
-        return METHOD_LABELS.get(self.cell.method, self.cell.method) + (
-            "+Ent" if self.entropy else ""
-        )
+        label = method_label(self.method, self.kind) if self.method else self.cell.method
+        return label + ("+Ent" if self.entropy else "")
+
+    @property
+    def order(self) -> tuple[int, int]:
+        """Rows in registration order: sup, VAT, LVAT-VAE, LVAT-Glow, LVAT, plugins, others."""
+        rank = METHODS.index(self.method) if self.method in METHODS else 99
+        return rank, KINDS.index(self.kind) if self.kind in KINDS else len(KINDS)
 
     @property
     def column(self) -> tuple[str, bool, str, int]:
@@ -118,7 +128,7 @@ _KINDS: dict[str, str] = {}
 
 
 def transformer_kind(path: str, run_dir: Path) -> str:
-    """'vae' or 'glow' from a transformer checkpoint's `kind`; '' if it cannot be read."""
+    """A transformer checkpoint's `kind` ('vae', 'glow', ...); '' if it cannot be read."""
     for candidate in (Path(path), run_dir / path):
         key = str(candidate.resolve())
         if key in _KINDS:
@@ -147,11 +157,13 @@ def read_run(path: Path, metric: str = "test") -> RunInfo:
     split = _read_json(path / "split.json")
     data, method_cfg = config.get("data", {}), config.get("method", {})
 
-    method = str(results.get("method") or method_cfg.get("name", "?"))
-    if method == "lvat":
+    method_name = str(results.get("method") or method_cfg.get("name", "?"))
+    entry, kind = METHODS.get(method_name), ""
+    if entry is not None and entry.needs_transformer:
         kind = results.get("transformer_kind") or method_cfg.get("transformer_kind")
         kind = kind or transformer_kind(method_cfg.get("transformer", ""), path)
-        method = f"lvat-{kind}" if kind in ("vae", "glow") else "lvat"
+        kind = kind if kind in KINDS else ""
+    method = method_key(method_name, kind)  # "lvat-vae": the paper's cell keys
     name = str(results.get("dataset") or split.get("dataset") or data.get("name", "?"))
     dataset = name.lower() if name.lower() in DATASET_LABELS else Path(name).stem
 
@@ -161,16 +173,19 @@ def read_run(path: Path, metric: str = "test") -> RunInfo:
     every = split.get("num_train", 0) - split.get("num_validation", 0)
     sl = data.get("num_labeled") == -1 or (num_labeled > 0 and num_labeled == every)
     cell = Cell(method, dataset, bool(data.get("augment", False)), "SL" if sl else "SSL")
-    eps = None if method == "sup" else method_cfg.get("eps")
+    regularized = entry is None or entry.regularized  # an unknown method: show its eps
+    eps = method_cfg.get("eps") if regularized else None
     error = results.get(f"{metric}_error")
     info = RunInfo(
         path=path,
         cell=cell,
         num_labeled=num_labeled,
         eps=None if eps is None else float(eps),
-        entropy=method != "sup" and float(method_cfg.get("entropy_weight", 0.0)) > 0,
+        entropy=regularized and float(method_cfg.get("entropy_weight", 0.0)) > 0,
         config=config,
         error=None if error is None else float(error),
+        method=method_name,
+        kind=kind,
     )
     if info.error is None:
         info.progress = _progress(path, config)
@@ -285,8 +300,7 @@ def summarize(runs: list[RunInfo]) -> Report:
 
     def order(key: tuple) -> tuple:
         r = groups[key][0]
-        m = _METHOD_ORDER.index(r.cell.method) if r.cell.method in _METHOD_ORDER else 99
-        return (m, r.entropy, r.eps or 0.0, _column_order(key[1]))
+        return (r.order, r.entropy, r.eps or 0.0, _column_order(key[1]))
 
     cells = [
         CellSummary(k[0], sorted(groups[k], key=lambda r: str(r.path)))

@@ -125,21 +125,20 @@ def naive_step_fn(
     data: NaiveData,
     device: torch.device,
     *,
-    method: str,
+    regularized: bool,
     eps: float,
     alpha: float = 1.0,
     transformer: nn.Module | None = None,
 ) -> Callable[[], float]:
-    """A closure running one naive training step (`method` "sup", "vat" or "lvat")."""
+    """A closure running one naive training step: cross-entropy only unless `regularized`, then
+    plus the naive VAT cost, or LVAT's in the latent space of `transformer` when one is given."""
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     def step() -> float:
         x_l, y_l, x_u = data.next(device)
         loss = F.cross_entropy(model(x_l), y_l)
-        if method != "sup":
-            reg, _ = naive_consistency(
-                model, x_u, eps=eps, transformer=transformer if method == "lvat" else None
-            )
+        if regularized:
+            reg, _ = naive_consistency(model, x_u, eps=eps, transformer=transformer)
             loss = loss + alpha * reg
         optimizer.zero_grad()
         loss.backward()

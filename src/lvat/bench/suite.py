@@ -33,18 +33,22 @@ from lvat.bench.timing import (
     median,
     time_steps,
 )
-from lvat.config import TrainConfig
+from lvat.config import MethodConfig, TrainConfig
 from lvat.data import Batch, ImageDataset, TrainBatches, make_split
 from lvat.environment import environment
-from lvat.models import VAE, Glow, build_classifier
-from lvat.regularizers import LVAT, VAT
+from lvat.errors import ConfigError
+from lvat.models import build_classifier
+from lvat.models.registry import KINDS, TransformerKind
+from lvat.regularizers import Method, Regularizer
+from lvat.regularizers.registry import METHODS as REGISTERED
 from lvat.train import fast
 from lvat.train.setup import resolve_device
 from lvat.train.step import STATS, train_step
 
 MODELS = {"conv-large": (3, 32, 32), "conv-small": (1, 32, 32)}  # classifier -> image shape
+# Rows: a registered method, with "-KIND" for one that needs a transformer (`parse_row`); eps
+# are the registries' paper values (Method.eps, TransformerKind.eps; docs/method.md §5.2).
 METHODS = ("sup", "vat", "lvat-vae", "lvat-glow")
-EPS = {"vat": 2.5, "lvat-vae": 1.5, "lvat-glow": 1.0}  # paper values (docs/method.md §5.2)
 # Performance targets: step time at most this many times sup-160's, and speedup over the naive port.
 RATIO_TARGETS = {"vat": 3.0, "lvat-glow": 4.5}
 NAIVE_TARGET = {"cuda": 2.0}  # elsewhere: not slower (1.0)
@@ -52,6 +56,11 @@ NOTE = (
     "VAE and Glow are randomly initialised (Glow: ActNorm initialised on one batch) and images "
     "are random: a training step costs the same with trained weights and real data."
 )
+_REFERENCE = "sup"  # the reference row "sup-N": this method on all N = labeled + unlabeled images
+
+
+def _reference(total: int) -> str:
+    return f"{_REFERENCE}-{total}"
 
 
 @dataclass
@@ -94,13 +103,34 @@ def _dataset(shape: tuple[int, int, int], n: int, seed: int) -> ImageDataset:
     return ImageDataset("random", [str(k) for k in range(10)], x, y, x[:10], y[:10])
 
 
-def _transformer(kind: str, shape: tuple[int, int, int], x: torch.Tensor, device) -> nn.Module:
-    """Default-size paper transformers, random init, frozen."""
-    if kind == "vae":
-        model = VAE(in_channels=shape[0], image_size=shape[1])
+def parse_row(name: str) -> tuple[Method, TransformerKind | None]:
+    """A row name -> its registered method and, for one with a transformer, its kind:
+    "vat" -> (VAT, None), "lvat-vae" -> (LVAT, VAE)."""
+    if name in REGISTERED:
+        method, kind = name, ""
     else:
-        model = Glow(in_channels=shape[0], image_size=shape[1])
-        model.initialize(x[:128].float().div(255))
+        method, _, kind = name.rpartition("-")
+    entry = REGISTERED[method]
+    if entry.needs_transformer != bool(kind):
+        need = "needs a transformer kind: NAME-KIND" if entry.needs_transformer else "has none"
+        raise ConfigError(f"bench row {name!r}: {entry.display} {need}")
+    return entry, KINDS[kind] if kind else None
+
+
+def _eps(method: Method, kind: TransformerKind | None) -> float:
+    """The paper's eps of a row (1.0 where none applies: sup)."""
+    eps = method.default_eps(kind.name if kind is not None else None)
+    return 1.0 if eps is None else eps
+
+
+def _transformer(
+    kind: TransformerKind, shape: tuple[int, int, int], x: torch.Tensor, device
+) -> nn.Module:
+    """A default-size paper transformer (the kind's default fit config), random init plus its
+    data-dependent init (Glow's ActNorm) on the first 128 images, frozen."""
+    cfg = kind.config()
+    model = kind.build(cfg, shape)
+    kind.initialize(model, x[:128], cfg, torch.device("cpu"))
     return model.to(device).eval().requires_grad_(False)
 
 
@@ -150,7 +180,7 @@ class _Setting:
             self.data.y_train.numpy(), n_lab, opts.seed, fingerprint=self.data.fingerprint
         )
 
-    def transformer(self, kind: str) -> nn.Module:
+    def transformer(self, kind: TransformerKind) -> nn.Module:
         """A fresh one per row (same seed, same weights): `fast.apply` may compile its decode."""
         torch.manual_seed(self.opts.seed)
         return _transformer(kind, self.shape, self.data.x_train, self.device)
@@ -171,17 +201,18 @@ class _Setting:
         """(eager step for counting FLOPs, step to time) of our training step."""
         opts, device = self.opts, self.device
         model = self.classifier()
-        reg: VAT | LVAT | None = None
-        if method == "vat":
-            reg = VAT(eps=EPS[method], power_method=power_method)
-        elif method.startswith("lvat"):
-            reg = LVAT(self.transformer(method[5:]), eps=EPS[method], power_method=power_method)
+        entry, kind = parse_row(method)
+        reg: Regularizer | None = None
+        if entry.build is not None:
+            cfg = MethodConfig(name=entry.name, eps=_eps(entry, kind), power_method=power_method)
+            reg = entry.build(cfg, self.transformer(kind) if kind is not None else None)
         batches = TrainBatches(
             self.data, self.split, labeled, unlabeled, device=device, seed=opts.seed
         )
         cache = None
-        if cache_latents and isinstance(reg, LVAT):  # built before timing, as at a run's start
-            cache = fast.LatentCache.build(reg.transformer, self.data.x_train, device, seed=0)
+        transformer = getattr(reg, "transformer", None)
+        if cache_latents and transformer is not None:  # built before timing, as at a run's start
+            cache = fast.LatentCache.build(transformer, self.data.x_train, device, seed=0)
         tc = TrainConfig()
         optimizer = fast.adam(model, tc, device)
         sums = torch.zeros(len(STATS), device=device)
@@ -212,10 +243,15 @@ class _Setting:
             self.opts.batch_unlabeled,
             self.opts.seed,
         )
-        kind = method.split("-")[0]
-        t = self.transformer(method[5:]) if kind == "lvat" else None
+        entry, kind = parse_row(method)
+        t = self.transformer(kind) if kind is not None else None
         return naive_step_fn(
-            model, data, self.device, method=kind, eps=EPS.get(method, 1.0), transformer=t
+            model,
+            data,
+            self.device,
+            regularized=entry.regularized,
+            eps=_eps(entry, kind),
+            transformer=t,
         )
 
 
@@ -276,12 +312,13 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = print) -> dict:
         "models": {},
     }
     total = opts.batch_labeled + opts.batch_unlabeled
-    plan = [(f"sup-{total}", "ours")]
+    plan = [(_reference(total), "ours")]
     for m in opts.methods:
+        entry, kind = parse_row(m)
         plan.append((m, "ours"))
-        if opts.cache_latents and m.startswith("lvat"):
+        if opts.cache_latents and kind is not None:
             plan.append((f"{m}+cache", "ours"))
-        if opts.exact and m != "sup":
+        if opts.exact and entry.regularized:
             plan.append((f"{m}+exact", "ours"))
         if opts.naive:
             plan.append((m, "naive"))
@@ -325,16 +362,18 @@ def _run_row(
     setting: _Setting, method: str, impl: str, total: int, warmup: int, repeats: int, steps: int
 ) -> Row:
     opts, device = setting.opts, setting.device
-    images = opts.batch_labeled if method == "sup" else total
+    reference = method == _reference(total)
+    base = method.removesuffix("+cache").removesuffix("+exact")
+    regularized = reference or parse_row(base)[0].regularized
+    images = total if regularized else opts.batch_labeled
     if impl == "naive":
         step = setting.naive(method)
         flops = count_flops(step)
         ms = _time(step, device, warmup, repeats, steps)
         return Row(method, impl, images, flops, ms, host_syncs=host_syncs(step, device))
-    if method == f"sup-{total}":
-        count, prepared = setting.ours("sup", total, 1)
+    if reference:
+        count, prepared = setting.ours(_REFERENCE, total, 1)
     else:
-        base = method.removesuffix("+cache").removesuffix("+exact")
         power = "exact" if method.endswith("+exact") else "finite-difference"
         count, prepared = setting.ours(
             base, opts.batch_labeled, opts.batch_unlabeled, method.endswith("+cache"), power
@@ -361,7 +400,7 @@ def _targets(rows: list[Row], device: torch.device) -> list[dict]:
     """The performance targets for the rows present, each with the FLOP ratio that bounds it."""
     ours = {r.name: r for r in rows if r.impl == "ours"}
     naive = {r.name: r for r in rows if r.impl == "naive"}
-    ref = next((r for r in rows if r.name.startswith("sup-")), None)
+    ref = next((r for r in rows if r.name.startswith(f"{_REFERENCE}-")), None)
     out = []
     for method, limit in RATIO_TARGETS.items():
         if method in ours and ref is not None:
@@ -377,7 +416,7 @@ def _targets(rows: list[Row], device: torch.device) -> list[dict]:
             )
     need = NAIVE_TARGET.get(device.type, 1.0)
     for method, row in naive.items():
-        if method in ours and method != "sup":  # the sup pair is shown, not targeted
+        if method in ours and parse_row(method)[0].regularized:  # sup is shown, not targeted
             value = row.ms_median / ours[method].ms_median
             out.append(
                 {

@@ -67,8 +67,9 @@ class ModelConfig:
 class MethodConfig:
     """The regularizer: none (sup), VAT in input space, or LVAT in a transformer's latent space."""
 
-    name: Literal["sup", "vat", "lvat"] = "vat"
-    """sup: cross-entropy only; vat: Miyato et al.; lvat: VAT in the latent space of a VAE/Glow."""
+    name: str = "vat"
+    """sup: cross-entropy only; vat: Miyato et al.; lvat: VAT in the latent space of a VAE/Glow;
+    or a method a plugin registered (`lvat.regularizers.register_method`)."""
     eps: float = option(2.5, gt=0.0)
     """Perturbation norm: input-space L2 for VAT, latent L2 per group for LVAT (docs/method.md §5.2:
     VAT 2.5/3.5/10/8, LVAT-VAE 1.5/1.0, LVAT-Glow 1.0)."""
@@ -89,6 +90,14 @@ class MethodConfig:
     latent_groups: Literal["separate", "joint"] = "separate"
     """LVAT with a multi-group latent (Glow: y and z): perturb each group to norm eps (authors),
     or all groups jointly to norm eps."""
+
+    def __post_init__(self) -> None:
+        from lvat.regularizers.registry import METHODS  # the registered methods, plugins' too
+
+        if self.name not in METHODS:
+            raise ConfigError(
+                f"method.name: {self.name!r} is not allowed; choose one of {METHODS.names()}"
+            )
 
 
 @dataclass

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from lvat.config import Config, load_config
+from lvat.regularizers import METHODS, method_key
 
 # The budget (2 CPU cores, <= 10 minutes in all). Units: updates and images.
 LABELS = 100  # 10 per class
@@ -22,6 +23,7 @@ VAE_STEPS, VAE_BATCH = 250, 64
 CLASSIFIER_STEPS, DECAY_STEPS = 300, 100
 BATCH_LABELED, BATCH_UNLABELED = 32, 64
 EPS = {"vat": 2.0, "lvat": 1.0}  # VAT: input-space L2 (VAT used 2.0 on MNIST); LVAT: latent L2
+KIND = "vae"  # the transformer kind the demo fits for LVAT
 FIGURE_SAMPLES = 1000
 
 DATA_FLAGS = ["--data.name", "fashion-mnist", "--data.pad_to", "32"]
@@ -39,9 +41,10 @@ def _classifier_config(method: str, out: Path, transformer: Path) -> Config:
         *("--train.checkpoint_every", "200", "--train.eval_batch_size", "1000"),
         *("--device", "cpu", "--out", str(out / method)),
     ]
-    if method != "sup":
+    entry = METHODS[method]
+    if entry.regularized:
         flags += ["--method.eps", str(EPS[method])]
-    if method == "lvat":
+    if entry.needs_transformer:
         flags += ["--method.transformer", str(transformer)]
     return load_config(Config, None, flags)
 
@@ -62,7 +65,7 @@ def demo(out: str | Path = "runs/demo") -> list[dict]:
     transformer = vae_dir / "checkpoint.pt"
     print(f"[1/5] VAE: {VAE_STEPS} updates at batch {VAE_BATCH} -> {vae_dir}", flush=True)
     if not _done(vae_dir):
-        cfg = fit_config("vae", None, [
+        cfg = fit_config(KIND, None, [
             *DATA_FLAGS, "--train.steps", str(VAE_STEPS), "--train.batch_size", str(VAE_BATCH),
             "--train.eval_every", str(VAE_STEPS), "--train.final_eval_images", "1000",
             "--device", "cpu", "--out", str(vae_dir),
@@ -76,8 +79,9 @@ def demo(out: str | Path = "runs/demo") -> list[dict]:
         if not _done(run):
             train(cfg, resume=(run / "checkpoint.pt").is_file())
         res = json.loads((run / "results.json").read_text())
-        rows.append({"method": {"lvat": "lvat-vae"}.get(method, method), "eps": cfg.method.eps
-                     if method != "sup" else None, "test_error": res["test_error"],
+        regularized = METHODS[method].regularized
+        rows.append({"method": method_key(method, KIND), "eps": cfg.method.eps
+                     if regularized else None, "test_error": res["test_error"],
                      "validation_error": res.get("validation_error"),
                      "wall_time_s": res["wall_time_s"], "run": str(run)})  # fmt: skip
     print("[5/5] figures", flush=True)

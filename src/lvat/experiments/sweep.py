@@ -5,7 +5,7 @@ A sweep file (TOML) lists the transformers to train first and the classifier run
     out = "runs/table3"                       # runs go to out/<config's folder>/<config>/seed<k>
 
     [[fit]]                                   # trained first, into each fit config's own `out`
-    kind = "vae"
+    kind = "vae"                              # a registered transformer kind (`lvat fit KIND`)
     config = "configs/fit/svhn-vae.toml"
 
     [[runs]]
@@ -33,6 +33,8 @@ from pathlib import Path
 from lvat.config import Config, load_config
 from lvat.config.core import read_file, to_flags
 from lvat.errors import ConfigError, LvatError
+from lvat.models.registry import KINDS
+from lvat.regularizers import METHODS
 
 RESULTS, CHECKPOINT = "results.json", "checkpoint.pt"
 
@@ -41,7 +43,7 @@ RESULTS, CHECKPOINT = "results.json", "checkpoint.pt"
 class Job:
     """One fit or train run of a sweep."""
 
-    kind: str  # "fit:vae", "fit:glow" or "train"
+    kind: str  # "fit:KIND" (e.g. "fit:vae") or "train"
     config: Path
     flags: list[str]
     out: Path
@@ -79,8 +81,9 @@ def plan(path: str | Path) -> list[Job]:
     for i, block in enumerate(spec.get("fit", [])):
         where = f"{path}: fit[{i}]"
         kind, cfg = block.get("kind"), block.get("config")
-        if kind not in ("vae", "glow") or not isinstance(cfg, str):
-            raise ConfigError(f'{where}: needs kind = "vae" | "glow" and config = "FILE"')
+        if kind not in KINDS or not isinstance(cfg, str):
+            kinds = " | ".join(f'"{k}"' for k in KINDS)
+            raise ConfigError(f'{where}: needs kind = {kinds} and config = "FILE"')
         flags = _list(block, "set", where, str)
         fit_out = Path(_fit_out(base / cfg, kind, flags))
         jobs.append(Job(f"fit:{kind}", base / cfg, flags, fit_out))
@@ -104,7 +107,8 @@ def plan(path: str | Path) -> list[Job]:
                     raise ConfigError(f"{where}: {run_out} is also an earlier run, set differently")
                 continue
             cfg = load_config(Config, file, job_flags)  # validates every run up front
-            needs = [Path(cfg.method.transformer)] if cfg.method.name == "lvat" else []
+            transformer = METHODS[cfg.method.name].needs_transformer
+            needs = [Path(cfg.method.transformer)] if transformer else []
             seen[run_out] = Job("train", file, job_flags, run_out, needs)
             jobs.append(seen[run_out])
     return jobs
@@ -147,7 +151,7 @@ def _run(job: Job) -> None:
     else:
         from lvat.fit import fit, fit_config
 
-        fit(fit_config(job.kind[4:], str(job.config), job.flags), resume=resume)
+        fit(fit_config(job.kind.removeprefix("fit:"), str(job.config), job.flags), resume=resume)
 
 
 def _ready(checkpoint: Path) -> bool:

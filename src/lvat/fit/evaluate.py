@@ -1,4 +1,4 @@
-"""Test-set evaluation of a VAE or Glow being fitted, and its PNG grids.
+"""Test-set evaluation of a transformer being fitted (any registered kind), and its PNG grids.
 
 Metrics are computed on held-out TEST images only, never augmented, with the model in eval
 mode and the global generators isolated (`isolated_rng`), so numbers are reproducible and the
@@ -9,8 +9,9 @@ training stream is untouched:
     Glow: nll (nats per image) and bpd = nll / (D ln 2), WITH the dequantisation term
           D log 2^n_bits (uniform noise, seeded); recon_mse of Dec(Enc(x)) against x (includes
           the n_bits quantisation); recon_exact = share with Dec(Enc(x)) == quantize(x)
-    both: nonfinite_decode_rate = share of Dec(Enc(x) + r), |r| = eps = 1 per latent group,
-          with a non-finite pixel (should be 0)
+    every kind: recon_mse and nonfinite_decode_rate = share of Dec(Enc(x) + r), |r| = eps = 1
+          per latent group, with a non-finite pixel (should be 0); the rest is the kind's
+          `test_metrics` (the two above are VAE's and Glow's)
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ import torch
 from torch import nn
 
 from lvat.data import to_float
-from lvat.fit.setup import Kind, isolated_rng
+from lvat.fit.setup import isolated_rng
 from lvat.images import save_grid
 from lvat.models.glow import nonfinite_decode_rate
+from lvat.models.registry import TransformerKind as Kind
 
 GRIDS = ("test.png", "reconstruction.png", "samples.png")
 PROBE_EPS = 1.0  # LVAT's eps for Glow on both datasets (paper section 5.2); the probe's radius
@@ -36,18 +38,7 @@ def _batch_metrics(kind: Kind, model: nn.Module, x: torch.Tensor, cfg: Any) -> d
     n = len(x)
     recon = kind.reconstruct(model, x)
     out = {"recon_mse": (recon - x).square().flatten(1).mean(1).sum()}
-    if kind.name == "vae":
-        terms = kind.loss(model, x, cfg)  # batch means, one posterior sample per image
-        out.update({k: v * n for k, v in terms.items()})
-        out["neg_elbo"] = (terms["bce"] + terms["kl"]) * n
-    else:
-        nll = model.nll(x)  # (B,), dequantisation noise from the seeded generator
-        out.update(
-            loss=nll.sum() / (model.num_dims * math.log(2.0)),
-            nll=nll.sum(),
-            bpd=nll.sum() / (model.num_dims * math.log(2.0)),
-            recon_exact=(recon == model.quantize(x)).flatten(1).all(1).float().sum(),
-        )
+    out.update(kind.test_metrics(model, x, recon, cfg))
     rate = nonfinite_decode_rate(model, x, PROBE_EPS)  # a float; one sync per batch is fine here
     out["nonfinite_decode_rate"] = torch.tensor(rate * n, device=x.device)
     return out
@@ -99,17 +90,10 @@ def probe(kind: Kind, model: nn.Module, x: torch.Tensor, device: torch.device, s
 
 @torch.no_grad()
 def samples(kind: Kind, model: nn.Module, n: int, cfg: Any, device: torch.device, seed: int):
-    """n model samples in [0, 1]. Glow: prior at `train.temperature`. VAE: Dec(z), z ~ N(0, I).
-
-    With the authors' sigma floor (sigma >= 1) and KL weight 0.1 the decoder is trained on
-    z = mu + unit noise with mu spread wider than N(0, I), so prior samples fall inside that
-    shell and look much worse than the reconstructions; LVAT only uses Dec(Enc(x) + r).
-    """
+    """n model samples in [0, 1] (`kind.sample`, e.g. Glow: the prior at `train.temperature`;
+    VAE: Dec(z), z ~ N(0, I)), drawn from a generator seeded with `seed` on `device`."""
     g = torch.Generator(device=device).manual_seed(seed)
-    if kind.name == "glow":
-        return model.sample(n, cfg.train.temperature, generator=g)
-    z = torch.randn(n, model.latent_dim, device=device, generator=g)
-    return model.decode(z)
+    return kind.sample(model, n, cfg, g)
 
 
 @torch.no_grad()

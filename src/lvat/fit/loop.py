@@ -34,17 +34,16 @@ from lvat.environment import environment
 from lvat.errors import ConfigError, LvatError
 from lvat.fit.evaluate import GRIDS, evaluate_transformer, probe, write_grids
 from lvat.fit.setup import (
-    KINDS,
     FitConfig,
     ImageStream,
     Kind,
     check_image_size,
     check_schedule,
     default_out,
-    init_batch,
     kind_of,
     lr_at,
 )
+from lvat.models.registry import KINDS
 from lvat.models.transformers import save_transformer
 from lvat.train import checkpoint
 from lvat.train.monitor import Progress, window_means
@@ -62,8 +61,9 @@ def fit_config(
     dataset: str | None = None,
     resume: str | None = None,
 ) -> FitConfig:
-    """The config of `lvat fit KIND`: file, then flags (`dataset` = `--data.name`); or, with
-    `resume`, the config saved in that run's checkpoint with the flags on top."""
+    """The config of `lvat fit KIND` (a registered kind): file, then flags (`dataset` =
+    `--data.name`); or, with `resume`, the config saved in that run's checkpoint with the flags
+    on top."""
     cls = KINDS[kind].config
     overrides = list(overrides)
     if dataset is not None:
@@ -92,10 +92,10 @@ def resolve_out(cfg: FitConfig) -> FitConfig:
 
 
 def fit(cfg: FitConfig, *, resume: bool = False, stop_at: int | None = None) -> dict:
-    """Train (or resume) the VAE or Glow described by `cfg` in `cfg.out`; return its results.
+    """Train (or resume) the transformer described by `cfg` in `cfg.out`; return its results.
 
     Args:
-        cfg: a resolved `VAEFitConfig` or `GlowFitConfig`.
+        cfg: a resolved fit config of a registered kind (`VAEFitConfig`, `GlowFitConfig`, ...).
         resume: continue from `cfg.out/checkpoint.pt` exactly where it stopped; a finished
             run is left as it is and its results.json returned.
         stop_at: stop after this many total steps (checkpointing there) without finishing;
@@ -150,9 +150,8 @@ def _fit(cfg: FitConfig, kind: Kind, run: RunFolder, stop_at: int | None) -> dic
         start, elapsed = int(state["step"]), float(state["elapsed"])
 
     # Resume: load, then cut metrics back to the checkpoint's step.
-    if run.restore(restore) is None and kind.name == "glow":
-        # Data-dependent ActNorm init (Glow section 3.1), once, on plain training images.
-        model.initialize(init_batch(dataset.x_train, tc.init_images, cfg.seed).to(device))
+    if run.restore(restore) is None:  # a fresh run: the kind's data-dependent init (Glow's ActNorm)
+        kind.initialize(model, dataset.x_train, cfg, device)
     run.write_config(cfg)  # only now: a resume that does not fit the checkpoint changes nothing
     end = min(tc.steps, stop_at) if stop_at is not None else tc.steps
 
@@ -275,20 +274,10 @@ def recalibrate_batchnorm(model: nn.Module, stream, batches: int) -> None:
 
 
 def summary(results: dict) -> str:
-    """The one line `lvat fit` prints at the end."""
+    """The one line `lvat fit` prints at the end (the middle part is the kind's `summary`)."""
     r = results
     bad = f"non-finite decodes at eps=1: {r['test_nonfinite_decode_rate']:.1%}"
-    if r["kind"] == "glow":
-        n_bits = r["model"]["n_bits"]
-        what = (
-            f"test {r['test_bpd']:.3f} bits/dim (with dequantisation, {n_bits}-bit), "
-            f"NLL {r['test_nll']:.1f} nats/image, recon MSE {r['test_recon_mse']:.2e}"
-        )
-    else:
-        what = (
-            f"test BCE {r['test_bce']:.2f} + KL {r['test_kl']:.2f} nats/image "
-            f"(-ELBO {r['test_neg_elbo']:.2f}), recon MSE {r['test_recon_mse']:.4f}"
-        )
+    what = KINDS[r["kind"]].summary(r)
     return (
         f"{r['kind']} on {r['dataset']}: {what}, {bad}; {r['steps']} steps in "
         f"{r['wall_time_s']:.0f} s; checkpoint {r['checkpoint']}"

@@ -1,8 +1,10 @@
-"""The parts of `lvat fit`: the two kinds (VAE, Glow), the image stream and the lr schedule.
+"""The parts of `lvat fit`: the built-in kinds (VAE, Glow), the image stream and the lr schedule.
 
-A `Kind` bundles what differs between the transformers: config class, constructor, training
-loss, and deterministic reconstruction Dec(Enc(x)). Everything else (loop, checkpoints,
-evaluation, grids) is shared.
+A kind (`lvat.models.registry.TransformerKind`) bundles what differs between the transformers:
+config class, constructor, training loss, deterministic reconstruction Dec(Enc(x)), test
+metrics, samples and summary. Everything else (loop, checkpoints, evaluation, grids) is shared.
+The two built-in kinds are defined here and registered in `KINDS` (the registry imports this
+module on its first use); a plugin registers its own the same way.
 """
 
 from __future__ import annotations
@@ -10,8 +12,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import math
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,62 +25,125 @@ from lvat.data import ImageDataset, augment, to_float
 from lvat.data.batches import IndexStream
 from lvat.errors import ConfigError
 from lvat.models.glow import Glow, glow_loss
+from lvat.models.registry import TransformerKind, kind_for_config, register_kind
 from lvat.models.vae import VAE, vae_loss
 
-FitConfig = VAEFitConfig | GlowFitConfig
+FitConfig = VAEFitConfig | GlowFitConfig  # the built-in kinds' configs (a plugin brings its own)
+Kind = TransformerKind  # the name `lvat.fit` has exported since before the registry
 
 
-@dataclass(frozen=True)
-class Kind:
-    """What `lvat fit` needs to know about one kind of transformer."""
+class VAEKind(TransformerKind):
+    """The VAE of LVAT-VAE (paper Table 2): BCE + kl_weight KL, latent = the encoder mean mu."""
 
-    name: str
-    config: type
-    terms: tuple[str, ...]  # training metrics returned by `loss`, summed per step; first = loss
-    divisor: Callable[[Any], int]  # H and W must be multiples of this
-    build: Callable[[Any, tuple[int, int, int]], nn.Module]
-    loss: Callable[[nn.Module, torch.Tensor, Any], dict[str, torch.Tensor]]
-    reconstruct: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    name = "vae"
+    display = "VAE"
+    model = VAE
+    config = VAEFitConfig
+    help = "the VAE of LVAT-VAE (paper Table 2; BCE + 0.1 KL)"
+    terms = ("loss", "bce", "kl")
+    divisible = "8"
+    eps = 1.5  # SVHN (paper section 4)
+
+    def build(self, cfg: VAEFitConfig, shape: tuple[int, int, int]) -> nn.Module:
+        m = cfg.model
+        return VAE(shape[0], list(shape[1:]), m.latent_dim, m.sigma_floor_one, m.truncated_noise)
+
+    def divisor(self, cfg: VAEFitConfig) -> int:
+        return 8  # three stride-2 convolutions (paper Table 2)
+
+    def size_reason(self, cfg: VAEFitConfig) -> str:
+        return "the VAE (three stride-2 convolutions)"
+
+    def loss(self, model: nn.Module, x: torch.Tensor, cfg: VAEFitConfig) -> dict:
+        return vae_loss(model, x, cfg.train.kl_weight)
+
+    def test_metrics(self, model, x, recon, cfg: VAEFitConfig) -> dict:
+        n = len(x)
+        terms = self.loss(model, x, cfg)  # batch means, one posterior sample per image
+        out = {k: v * n for k, v in terms.items()}
+        out["neg_elbo"] = (terms["bce"] + terms["kl"]) * n
+        return out
+
+    def sample(self, model, n: int, cfg: VAEFitConfig, generator: torch.Generator):
+        """Dec(z), z ~ N(0, I).
+
+        With the authors' sigma floor (sigma >= 1) and KL weight 0.1 the decoder is trained on
+        z = mu + unit noise with mu spread wider than N(0, I), so prior samples fall inside that
+        shell and look much worse than the reconstructions; LVAT only uses Dec(Enc(x) + r).
+        """
+        z = torch.randn(n, model.latent_dim, device=generator.device, generator=generator)
+        return model.decode(z)
+
+    def summary(self, results: dict) -> str:
+        r = results
+        return (
+            f"test BCE {r['test_bce']:.2f} + KL {r['test_kl']:.2f} nats/image "
+            f"(-ELBO {r['test_neg_elbo']:.2f}), recon MSE {r['test_recon_mse']:.4f}"
+        )
 
 
-def _build_vae(cfg: VAEFitConfig, shape: tuple[int, int, int]) -> nn.Module:
-    m = cfg.model
-    return VAE(shape[0], list(shape[1:]), m.latent_dim, m.sigma_floor_one, m.truncated_noise)
+class GlowKind(TransformerKind):
+    """The multi-scale Glow of LVAT-Glow: NLL in bits/dim; latent = y and all factored-out z."""
 
+    name = "glow"
+    display = "Glow"
+    model = Glow
+    config = GlowFitConfig
+    help = "the Glow of LVAT-Glow (L=3, K=22, 5-bit; NLL in bits/dim)"
+    terms = ("loss", "nll", "bpd")
+    divisible = "2^n_levels"
+    eps = 1.0  # both datasets (paper section 4)
 
-def _build_glow(cfg: GlowFitConfig, shape: tuple[int, int, int]) -> nn.Module:
-    m = cfg.model
-    return Glow(shape[0], list(shape[1:]), m.n_levels, m.n_steps, m.width, m.n_bits, m.coupling)
+    def build(self, cfg: GlowFitConfig, shape: tuple[int, int, int]) -> nn.Module:
+        m = cfg.model
+        return Glow(shape[0], list(shape[1:]), m.n_levels, m.n_steps, m.width, m.n_bits, m.coupling)
 
+    def divisor(self, cfg: GlowFitConfig) -> int:
+        return 2**cfg.model.n_levels  # one squeeze per level
 
-KINDS: dict[str, Kind] = {
-    "vae": Kind(
-        name="vae",
-        config=VAEFitConfig,
-        terms=("loss", "bce", "kl"),
-        divisor=lambda cfg: 8,  # three stride-2 convolutions (paper Table 2)
-        build=_build_vae,
-        loss=lambda model, x, cfg: vae_loss(model, x, cfg.train.kl_weight),
-        reconstruct=lambda model, x: model.decode(model.encode(x)),  # mu, no sampling
-    ),
-    "glow": Kind(
-        name="glow",
-        config=GlowFitConfig,
-        terms=("loss", "nll", "bpd"),
-        divisor=lambda cfg: 2**cfg.model.n_levels,  # one squeeze per level
-        build=_build_glow,
-        loss=lambda model, x, cfg: glow_loss(model, x),
+    def size_reason(self, cfg: GlowFitConfig) -> str:
+        return f"a Glow with model.n_levels = {cfg.model.n_levels}"
+
+    def initialize(self, model, x_train: torch.Tensor, cfg: GlowFitConfig, device) -> None:
+        # Data-dependent ActNorm init (Glow section 3.1), once, on plain training images.
+        model.initialize(init_batch(x_train, cfg.train.init_images, cfg.seed).to(device))
+
+    def loss(self, model: nn.Module, x: torch.Tensor, cfg: GlowFitConfig) -> dict:
+        return glow_loss(model, x)
+
+    def reconstruct(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         # Bin-centre dequantisation: the deterministic encode LVAT's figures use.
-        reconstruct=lambda model, x: model.decode(model.encode(x, deterministic=True)),
-    ),
-}
+        return model.decode(model.encode(x, deterministic=True))
+
+    def test_metrics(self, model, x, recon, cfg: GlowFitConfig) -> dict:
+        """nll with the dequantisation term, bpd, and the share with Dec(Enc(x)) == quantize(x)."""
+        nll = model.nll(x)  # (B,), dequantisation noise from the seeded generator
+        return dict(
+            loss=nll.sum() / (model.num_dims * math.log(2.0)),
+            nll=nll.sum(),
+            bpd=nll.sum() / (model.num_dims * math.log(2.0)),
+            recon_exact=(recon == model.quantize(x)).flatten(1).all(1).float().sum(),
+        )
+
+    def sample(self, model, n: int, cfg: GlowFitConfig, generator: torch.Generator):
+        """The prior at `train.temperature`."""
+        return model.sample(n, cfg.train.temperature, generator=generator)
+
+    def summary(self, results: dict) -> str:
+        r = results
+        return (
+            f"test {r['test_bpd']:.3f} bits/dim (with dequantisation, {r['model']['n_bits']}-bit), "
+            f"NLL {r['test_nll']:.1f} nats/image, recon MSE {r['test_recon_mse']:.2e}"
+        )
 
 
-def kind_of(cfg: FitConfig) -> Kind:
-    for kind in KINDS.values():
-        if isinstance(cfg, kind.config):
-            return kind
-    raise TypeError(f"not a fit config: {type(cfg).__name__}")
+register_kind(VAEKind())
+register_kind(GlowKind())
+
+
+def kind_of(cfg: Any) -> TransformerKind:
+    """The registered kind of a fit config."""
+    return kind_for_config(cfg)
 
 
 def default_out(kind: str, dataset: str) -> str:
@@ -88,18 +152,14 @@ def default_out(kind: str, dataset: str) -> str:
     return f"runs/fit/{name or 'data'}-{kind}"
 
 
-def check_image_size(kind: Kind, cfg: FitConfig, dataset: ImageDataset) -> None:
+def check_image_size(kind: TransformerKind, cfg: Any, dataset: ImageDataset) -> None:
     """A one-line ConfigError if H or W does not divide; never pads silently."""
     _, h, w = dataset.image_shape
     m = kind.divisor(cfg)
     if h % m == 0 and w % m == 0:
         return
     fix = m * math.ceil(max(h, w) / m)
-    what = (
-        "the VAE (three stride-2 convolutions)"
-        if kind.name == "vae"
-        else (f"a Glow with model.n_levels = {cfg.model.n_levels}")
-    )
+    what = kind.size_reason(cfg)
     now = f"data.pad_to = {cfg.data.pad_to} gives" if cfg.data.pad_to else "are"
     raise ConfigError(
         f"{dataset.name} images {now} {h}x{w}, but {what} needs H and W divisible by {m}: pass "

@@ -9,23 +9,37 @@ from lvat.models.classifiers import (
     register_classifier,
 )
 from lvat.models.glow import Glow, glow_loss, nonfinite_decode_rate
+from lvat.models.registry import (
+    KINDS,
+    TransformerKind,
+    kind_for_config,
+    kind_for_model,
+    register_kind,
+    unregister_kind,
+)
 from lvat.models.transformers import TRANSFORMERS, load_transformer, save_transformer
 from lvat.models.vae import VAE, recon_mse, vae_loss
 
 __all__ = [
     "CLASSIFIERS",
+    "KINDS",
     "TRANSFORMERS",
     "VAE",
     "ConvLarge",
     "ConvNet",
     "ConvSmall",
     "Glow",
+    "TransformerKind",
     "build_classifier",
     "glow_loss",
+    "kind_for_config",
+    "kind_for_model",
     "load_transformer",
     "nonfinite_decode_rate",
     "recon_mse",
     "register_classifier",
+    "register_kind",
     "save_transformer",
+    "unregister_kind",
     "vae_loss",
 ]

@@ -1,4 +1,4 @@
-"""Saving and loading the generative "transformers" (VAE, Glow) that LVAT perturbs.
+"""Saving and loading the generative "transformers" that LVAT perturbs (any registered kind).
 
 A transformer checkpoint is self-describing: `kind` and constructor `hparams` sit beside the
 `state_dict`, so `load_transformer(path)` rebuilds the model with no other input. Loading is
@@ -16,21 +16,22 @@ from torch import nn
 
 from lvat.errors import LvatError
 from lvat.io import atomic_write
-from lvat.models.glow import Glow
-from lvat.models.vae import VAE
+from lvat.models.registry import KINDS, kind_for_model
 
-TRANSFORMERS: dict[str, type[nn.Module]] = {"vae": VAE, "glow": Glow}
+# The registered kinds by name (`lvat.models.registry`): the built-in vae and glow, and plugins'.
+TRANSFORMERS = KINDS
 FORMAT = 1
 
 
 def transformer_state(model: nn.Module) -> dict[str, Any]:
     """The part of a checkpoint that `load_transformer` needs."""
-    kinds = {cls: name for name, cls in TRANSFORMERS.items()}
-    if type(model) not in kinds:
-        raise TypeError(f"not a known transformer: {type(model).__name__}")
+    try:
+        kind = kind_for_model(model)
+    except TypeError:
+        raise TypeError(f"not a known transformer: {type(model).__name__}") from None
     return {
         "format": FORMAT,
-        "kind": kinds[type(model)],
+        "kind": kind.name,
         "hparams": dict(model.hparams),
         "state_dict": model.state_dict(),
     }
@@ -43,7 +44,8 @@ def save_transformer(model: nn.Module, path: str | Path, **extra: Any) -> Path:
 
 
 def load_transformer(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
-    """Rebuild a trained VAE or Glow from its checkpoint alone, frozen and in eval mode."""
+    """Rebuild a trained transformer (VAE, Glow, or a registered kind) from its checkpoint alone,
+    frozen and in eval mode."""
     path = Path(path)
     if not path.is_file():
         raise LvatError(f"transformer checkpoint not found: {path} (train one with `lvat fit`)")
@@ -55,10 +57,10 @@ def load_transformer(path: str | Path, device: torch.device | str = "cpu") -> nn
         from lvat.train.checkpoint import load_error  # lvat.train imports lvat.models
 
         raise load_error(path, exc) from None
-    if not isinstance(ckpt, dict) or ckpt.get("kind") not in TRANSFORMERS:
-        raise LvatError(f"{path}: not a transformer checkpoint (no kind vae/glow inside)")
+    if not isinstance(ckpt, dict) or ckpt.get("kind") not in KINDS:
+        raise LvatError(f"{path}: not a transformer checkpoint (no kind {'/'.join(KINDS)} inside)")
     try:
-        model = TRANSFORMERS[ckpt["kind"]](**ckpt["hparams"])
+        model = KINDS[ckpt["kind"]].model(**ckpt["hparams"])
         model.load_state_dict(ckpt["state_dict"])
     except (TypeError, RuntimeError, KeyError) as exc:
         msg = " ".join(str(exc).split())[:300]

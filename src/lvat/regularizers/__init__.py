@@ -5,7 +5,8 @@ Usage in a training loop::
     reg = LVAT(vae, eps=1.5)  # or VAT(eps=2.5)
     loss = F.cross_entropy(model(x_l), y_l) + alpha * reg(model, x_ul)
 
-Each regularizer is a thin class over pure functions (`common.py`, `vat.py`, `lvat.py`).
+Each regularizer is a thin class over pure functions (`common.py`, `vat.py`, `lvat.py`). The
+methods `method.name` may name, and the `Regularizer` protocol they share, are in `registry.py`.
 """
 
 from lvat.regularizers.common import (
@@ -22,14 +23,26 @@ from lvat.regularizers.common import (
 )
 from lvat.regularizers.exact import exact_power_iteration, fisher_vector_product
 from lvat.regularizers.lvat import LATENT_GROUPS, LVAT, Latent, Transformer
+from lvat.regularizers.registry import (
+    METHODS,
+    Method,
+    Regularizer,
+    method_key,
+    method_label,
+    register_method,
+    unregister_method,
+)
 from lvat.regularizers.vat import VAT, VirtualAdversarial, virtual_adversarial
 
 __all__ = [
     "LATENT_GROUPS",
-    "POWER_METHODS",
     "LVAT",
+    "METHODS",
+    "POWER_METHODS",
     "VAT",
     "Latent",
+    "Method",
+    "Regularizer",
     "RngSnapshot",
     "Transformer",
     "VirtualAdversarial",
@@ -39,9 +52,13 @@ __all__ = [
     "frozen_bn_stats",
     "full_precision",
     "kl_divergence",
+    "method_key",
+    "method_label",
     "normalize",
     "normalize_groups",
     "normalize_joint",
     "power_iteration",
+    "register_method",
+    "unregister_method",
     "virtual_adversarial",
 ]

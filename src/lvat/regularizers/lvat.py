@@ -162,11 +162,12 @@ class LVAT:
         return self._run(model, x, with_loss=False)[1].x_adv
 
     def loss_and_stats(
-        self, model: nn.Module, x: Tensor, z: Latent | None = None
+        self, model: nn.Module, x: Tensor, z: Latent | None = None, **cached: object
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """The loss and detached 0-d stats "kl", "entropy", "adv_l2" (mean ||x_adv - x||_2).
 
-        `z`: encode(x) computed beforehand (a latent cache); None encodes x now.
+        `z`: encode(x) computed beforehand (a latent cache); None encodes x now. Other cached
+        keywords are ignored (`lvat.regularizers.Regularizer`).
         """
         out = self._run(model, x, with_loss=True, z=z)[1]
         return out.loss, out.stats

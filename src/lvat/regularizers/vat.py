@@ -221,8 +221,14 @@ class VAT:
         """x + r_vat (float32/float64, detached)."""
         return _vat(model, x, self, with_loss=False).x_adv
 
-    def loss_and_stats(self, model: nn.Module, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """The loss and detached 0-d stats "kl", "entropy", "adv_l2" (mean ||x_adv - x||_2)."""
+    def loss_and_stats(
+        self, model: nn.Module, x: Tensor, **cached: object
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The loss and detached 0-d stats "kl", "entropy", "adv_l2" (mean ||x_adv - x||_2).
+
+        `cached`: precomputed inputs of other regularizers (e.g. LVAT's `z`); VAT uses none and
+        ignores them (`lvat.regularizers.Regularizer`).
+        """
         out = _vat(model, x, self, with_loss=True)
         return out.loss, out.stats
 

@@ -22,7 +22,6 @@ from lvat.io import atomic_write
 
 CHECKPOINT = "checkpoint.pt"
 
-TRANSFORMER_KINDS = ("vae", "glow")  # the `kind` entry of an `lvat fit` checkpoint
 EVAL_KEYS = ("model", "config", "step")  # what `lvat eval` and `lvat figures` read
 RESUME_KEYS = (*EVAL_KEYS, "optimizer", "elapsed")  # what `lvat train --resume` also reads
 
@@ -114,10 +113,12 @@ def check_training(
     path = Path(path)
     if not isinstance(state, Mapping):
         raise LvatError(f"{path} is not an lvat training checkpoint (it holds a {type(state)})")
-    kind = state.get("kind")
-    if isinstance(kind, str) and kind in TRANSFORMER_KINDS:
+    from lvat.models.registry import KINDS  # the `kind` entry of an `lvat fit` checkpoint
+
+    kind = KINDS.get(state.get("kind"))
+    if kind is not None:
         raise LvatError(
-            f"{_run_of(path)} is an `lvat fit` run (a {kind.upper() if kind == 'vae' else 'Glow'} "
+            f"{_run_of(path)} is an `lvat fit` run (a {kind.display} "
             f"transformer), not a classifier run; use it as method.transformer: "
             f"--method.transformer {path}"
         )

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from lvat.config import Config, TrainConfig
 from lvat.data import to_float
 from lvat.errors import ConfigError
-from lvat.regularizers import LVAT, VAT, Latent
+from lvat.regularizers import METHODS, Latent, Regularizer
 from lvat.regularizers.common import full_precision
 
 __all__ = [
@@ -59,7 +59,7 @@ def resolve(tc: TrainConfig, device: torch.device) -> FastPath:
     return FastPath(amp_dtype, channels_last, tc.compile)
 
 
-def apply(model: nn.Module, regularizer: VAT | LVAT | None, fast: FastPath) -> nn.Module:
+def apply(model: nn.Module, regularizer: Regularizer | None, fast: FastPath) -> nn.Module:
     """Set the classifier's layout and compile it (in place: state_dict keys stay the same)."""
     if fast.channels_last:
         model.to(memory_format=torch.channels_last)  # 4-D weights only; Linear stays as is
@@ -142,9 +142,10 @@ def check_cache(cfg: Config) -> None:
     nothing (no transformer)."""
     if not cfg.train.cache_latents:
         return
-    if cfg.method.name != "lvat":
+    if not METHODS[cfg.method.name].needs_transformer:
+        encoders = " or ".join(m.display for m in METHODS.values() if m.needs_transformer)
         raise ConfigError(
-            f"train.cache_latents: only LVAT encodes images (method.name = {cfg.method.name})"
+            f"train.cache_latents: only {encoders} encodes images (method.name = {cfg.method.name})"
         )
     if cfg.data.augment:
         raise ConfigError(
@@ -154,13 +155,14 @@ def check_cache(cfg: Config) -> None:
 
 
 def latent_cache(
-    cfg: Config, regularizer: VAT | LVAT | None, x_train: Tensor, device: torch.device, log: bool
+    cfg: Config, regularizer: Regularizer | None, x_train: Tensor, device: torch.device, log: bool
 ) -> LatentCache | None:
-    """The run's latent cache, or None when `train.cache_latents` is off; prints its size."""
+    """The run's latent cache, or None when `train.cache_latents` is off; prints its size.
+    The latents are those of the regularizer's `transformer` (a method that needs one)."""
     check_cache(cfg)
-    if not cfg.train.cache_latents or not isinstance(regularizer, LVAT):
+    transformer = getattr(regularizer, "transformer", None)
+    if not cfg.train.cache_latents or transformer is None:
         return None
-    transformer = regularizer.transformer
     if not isinstance(transformer, nn.Module):
         raise ConfigError("train.cache_latents needs an nn.Module transformer")
     cache = LatentCache.build(

@@ -1,4 +1,4 @@
-"""Building a run's parts from its config: device, classifier, regularizer."""
+"""Building a run's parts from its config: device, classifier, regularizer (by `METHODS`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from lvat.config import Config, MethodConfig
 from lvat.data import ImageDataset
 from lvat.errors import ConfigError
 from lvat.models import build_classifier
-from lvat.regularizers import LVAT, VAT
+from lvat.models.registry import kinds_text
+from lvat.regularizers import METHODS, Method, Regularizer
 
 
 def resolve_device(name: str) -> torch.device:
@@ -44,31 +45,31 @@ def build_model(cfg: Config, dataset: ImageDataset) -> nn.Module:
         raise ConfigError(f"model.name: {exc}") from None
 
 
-def build_regularizer(cfg: MethodConfig, device: torch.device) -> VAT | LVAT | None:
-    """None for `sup`; VAT; or LVAT around the frozen transformer in `cfg.transformer`."""
-    common = dict(
-        eps=cfg.eps,
-        xi=cfg.xi,
-        power_iterations=cfg.power_iterations,
-        entropy_weight=cfg.entropy_weight,
-        power_method=cfg.power_method,
-    )
-    if cfg.name == "sup":
+def build_regularizer(cfg: MethodConfig, device: torch.device) -> Regularizer | None:
+    """The regularizer of the method `cfg.name` (`METHODS`): None for a method without one (sup);
+    for a method that needs a transformer (LVAT), around the frozen one in `cfg.transformer`."""
+    method = METHODS[cfg.name]
+    if method.build is None:
         return None
-    if cfg.name == "vat":
-        return VAT(**common)
+    transformer = load_method_transformer(cfg, method, device) if method.needs_transformer else None
+    return method.build(cfg, transformer)
+
+
+def load_method_transformer(cfg: MethodConfig, method: Method, device: torch.device) -> nn.Module:
+    """The frozen transformer checkpoint `cfg.transformer` names, with one-line errors."""
     if not cfg.transformer:
         raise ConfigError(
-            "method.transformer: LVAT needs a trained VAE or Glow checkpoint (see `lvat fit`)"
+            f"method.transformer: {method.display} needs a trained {kinds_text()} checkpoint "
+            "(see `lvat fit`)"
         )
     folder = Path(cfg.transformer)
     if folder.is_dir():  # an `lvat fit` run folder instead of its checkpoint
         inside = folder / "checkpoint.pt"
         hint = f": --method.transformer {inside}" if inside.is_file() else " from `lvat fit`"
         raise ConfigError(
-            f"method.transformer: {folder} is a folder; give the VAE/Glow checkpoint file{hint}"
+            f"method.transformer: {folder} is a folder; give the {kinds_text('/')} checkpoint "
+            f"file{hint}"
         )
     from lvat.models.transformers import load_transformer
 
-    transformer = load_transformer(cfg.transformer, device)
-    return LVAT(transformer, latent_groups=cfg.latent_groups, **common)
+    return load_transformer(cfg.transformer, device)

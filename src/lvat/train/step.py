@@ -16,10 +16,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lvat.data import Batch
-from lvat.regularizers import LVAT, VAT, Latent
+from lvat.regularizers import Latent, Regularizer
 
 # The rows of `train_step`'s result. zero_direction: the fraction of the unlabeled batch whose
 # perturbation vanished (`lvat.regularizers.common.zero_direction`); 0 without a regularizer.
+# A regularizer's stats are an open dict: a row it does not report is 0, other keys are not kept.
 STATS = ("loss", "ce", "kl", "entropy", "adv_l2", "zero_direction")
 
 
@@ -34,7 +35,7 @@ def autocast(
 
 def train_step(
     model: nn.Module,
-    regularizer: VAT | LVAT | None,
+    regularizer: Regularizer | None,
     optimizer: torch.optim.Optimizer,
     batch: Batch,
     alpha: float,
@@ -47,14 +48,15 @@ def train_step(
 
     Args:
         model: the classifier, in train mode.
-        regularizer: VAT, LVAT or None (supervised only: kl, entropy, adv_l2 and
-            zero_direction are 0).
+        regularizer: the method's `Regularizer` (VAT, LVAT, a plugin's) or None (supervised
+            only: kl, entropy, adv_l2 and zero_direction are 0).
         optimizer: its optimiser, lr already set for this step.
         batch: labeled images and labels, unlabeled images, all on the model's device.
         alpha: weight of the consistency cost.
         amp_dtype: autocast dtype for the classifier passes (None = float32). The regularizer
             keeps its target and probe passes in float32 regardless (`full_precision`).
-        z_unlabeled: LVAT only: encode(batch.x_unlabeled) from a latent cache.
+        z_unlabeled: encode(batch.x_unlabeled) from a latent cache, passed on as the cached
+            keyword `z` (LVAT uses it; None: not cached).
         sync: called between backward and the update (data-parallel gradient averaging).
     """
     device = batch.x_labeled.device
@@ -63,14 +65,13 @@ def train_step(
         loss, zero = ce, ce.new_zeros(())
         stats = {"kl": zero, "entropy": zero, "adv_l2": zero, "zero_direction": zero}
         if regularizer is not None:
-            extra = {} if z_unlabeled is None else {"z": z_unlabeled}
-            reg_loss, stats = regularizer.loss_and_stats(model, batch.x_unlabeled, **extra)
+            reg_loss, stats = regularizer.loss_and_stats(model, batch.x_unlabeled, z=z_unlabeled)
             loss = ce + alpha * reg_loss
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if sync is not None:
         sync()
     optimizer.step()
-    # A regularizer that does not report zero_direction (e.g. a user's) counts as 0 there.
-    row = [loss.detach(), ce.detach(), stats["kl"], stats["entropy"], stats["adv_l2"]]
-    return torch.stack([*row, stats.get("zero_direction", zero)]).float()
+    # A stat the regularizer does not report (e.g. a user's without adv_l2) counts as 0.
+    row = [loss.detach(), ce.detach(), *(stats.get(k, zero) for k in STATS[2:])]
+    return torch.stack(row).float()
