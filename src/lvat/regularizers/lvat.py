@@ -21,8 +21,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from lvat.regularizers.algorithm import VirtualAdversarial, virtual_adversarial
 from lvat.regularizers.common import check_hparams, full_precision, perturbation_dtype
-from lvat.regularizers.vat import VirtualAdversarial, virtual_adversarial
 
 __all__ = ["LATENT_GROUPS", "LVAT", "Latent", "Transformer"]
 

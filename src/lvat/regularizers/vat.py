@@ -8,151 +8,19 @@ For an unlabeled batch X and a classifier f with p = softmax(f(X)):
 3. r_vat = eps * normalize(g).
 4. L_vat = KL(stopgrad p(X) || p(X + r_vat)).
 
-`virtual_adversarial` below is the algorithm over any "perturbation groups" and a map from the
-perturbed groups to the classifier's input; VAT uses one group (X itself, identity map), LVAT
-(`lvat.py`) the latent groups of a frozen transformer and its decoder. `VAT` is a thin class
-over it.
+The algorithm itself is `algorithm.virtual_adversarial`, shared with LVAT: VAT is it with one
+perturbation group (X itself) and the identity map to the classifier's input. `VAT` is a thin
+class over it.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Sequence
-from typing import NamedTuple
-
-import torch
 from torch import Tensor, nn
 
-from lvat.regularizers.common import (
-    RngSnapshot,
-    check_hparams,
-    entropy,
-    frozen_bn_stats,
-    full_precision,
-    kl_divergence,
-    normalize_groups,
-    perturbation_dtype,
-    power_iteration,
-    zero_direction,
-)
-from lvat.regularizers.exact import exact_power_iteration, matching_tangents
+from lvat.regularizers.algorithm import VirtualAdversarial, virtual_adversarial
+from lvat.regularizers.common import check_hparams, perturbation_dtype
 
 __all__ = ["VAT", "VirtualAdversarial", "virtual_adversarial"]
-
-
-class VirtualAdversarial(NamedTuple):
-    """What one regularizer call computes. `loss` and `stats` are None when not asked for."""
-
-    r: list[Tensor]  # adversarial perturbation, one tensor per group, each of norm ~eps per sample
-    x_adv: Tensor  # classifier input at the adversarial point (detached)
-    loss: Tensor | None  # KL(p(x) || p(x_adv)) [+ entropy_weight * entropy(p(x))], 0-d
-    # detached 0-d tensors: "kl", "entropy", "adv_l2", "zero_direction" (`common.zero_direction`)
-    stats: dict[str, Tensor] | None
-
-
-def virtual_adversarial(
-    model: nn.Module,
-    x: Tensor,
-    base: Sequence[Tensor],
-    to_input: Callable[[list[Tensor]], Tensor],
-    *,
-    eps: float,
-    xi: float = 1e-6,
-    power_iterations: int = 1,
-    joint: bool = False,
-    entropy_weight: float = 0.0,
-    with_loss: bool = True,
-    power_method: str = "finite-difference",
-) -> VirtualAdversarial:
-    """Virtual adversarial perturbation of `base` and, optionally, the consistency cost.
-
-    The classifier runs on: x (clean target), to_input(base + xi*d) (`power_iterations` times)
-    and to_input(base + r) (only if `with_loss`). All these passes share one set of dropout masks
-    and use batch statistics, running stats untouched (docs/method.md §1.7). Under autocast
-    only the last classifier pass (the one the loss's parameter gradients come from) runs in
-    reduced precision; the others, and `to_input`, run in true float32 (`full_precision`).
-
-    Args:
-        model: classifier, x -> logits (B, K); its mode (train/eval) is left as the caller set it.
-        x: the original batch (B, ...); the clean target is always p(x).
-        base: the point to perturb, as groups in float32/float64, detached (VAT: [x]; LVAT: the
-            latent groups of encode(x)).
-        to_input: maps perturbed groups to the classifier input (VAT: identity; LVAT: decode).
-            It runs before the RNG restore of each pass, so random numbers it draws do not shift
-            the classifier's dropout masks.
-        eps: norm of r per sample (per group unless `joint`).
-        xi: norm of the finite-difference probe d.
-        power_iterations: passes of the power iteration.
-        joint: normalise all groups as one vector per sample.
-        entropy_weight: weight of the mean entropy of p(x) added to the loss (VAT+Ent); it keeps
-            its gradient through the clean pass.
-        with_loss: also run the adversarial pass and return loss and stats.
-        power_method: "finite-difference" (Algorithms 1/2 as the authors: a probe of norm xi,
-            in true float32) or "exact" (`lvat.regularizers.exact`: Fisher-vector products by
-            forward-mode AD, no xi; the classifier runs in the caller's precision, `to_input` in
-            true float32).
-    """
-    base = [b.detach() for b in base]
-    with frozen_bn_stats(model):
-        # All random d first, then the snapshot: every classifier pass below starts from it.
-        d = [torch.randn_like(b) for b in base]
-        rng = RngSnapshot(x.device)
-
-        def forward(x_in: Tensor) -> Tensor:
-            rng.restore()
-            return model(x_in)
-
-        # Target, probes and x_adv in true float32 (`full_precision`: a bf16/TF32 probe rounds
-        # away and g == 0); only the adversarial pass below runs in the caller's precision.
-        with full_precision(x.device):
-            # VAT+Ent needs the clean pass's graph; the target needs none (docs/method.md §1.7).
-            keep_graph = with_loss and entropy_weight > 0
-            # The same dtype as the probes' inputs (a bf16 x would meet float32 weights here).
-            x_clean = x.to(perturbation_dtype(x)) if x.is_floating_point() else x
-            with contextlib.nullcontext() if keep_graph else torch.no_grad():
-                clean_logits = forward(x_clean)
-            target = clean_logits.detach()
-
-            if power_method != "exact":
-                g = power_iteration(
-                    lambda ds: forward(to_input([b + di for b, di in zip(base, ds, strict=True)])),
-                    target,
-                    d,
-                    xi,
-                    power_iterations,
-                    joint,
-                )
-        if power_method == "exact":
-
-            def probe_logits(ds: list[Tensor]) -> Tensor:
-                with full_precision(x.device):  # decode in float32; the classifier as the caller
-                    x_in = to_input([b + di for b, di in zip(base, ds, strict=True)])
-                return forward(x_in)
-
-            with matching_tangents(model):
-                g = exact_power_iteration(probe_logits, d, power_iterations, joint)
-        with full_precision(x.device):
-            r = [eps * n for n in normalize_groups(g, joint)]
-            with torch.no_grad():  # r is a constant: x_adv carries no graph
-                x_adv = to_input([b + ri for b, ri in zip(base, r, strict=True)])
-        if not with_loss:
-            return VirtualAdversarial(r, x_adv, None, None)
-
-        kl = kl_divergence(target, forward(x_adv))
-    ent = entropy(clean_logits)
-    loss = kl + entropy_weight * ent if entropy_weight > 0 else kl
-    with torch.no_grad():
-        dt = perturbation_dtype(x_adv)
-        adv_l2 = torch.linalg.vector_norm(
-            (x_adv.to(dt) - x.to(dt)).reshape(x.shape[0], -1), dim=1
-        ).mean()
-    stats = {
-        "kl": kl.detach(),
-        "entropy": ent.detach(),
-        "adv_l2": adv_l2,
-        "zero_direction": zero_direction(r, eps),  # r vanished: no regularization there
-    }
-    return VirtualAdversarial(r, x_adv, loss, stats)
 
 
 def _vat(model: nn.Module, x: Tensor, vat: VAT, with_loss: bool) -> VirtualAdversarial:
