@@ -187,3 +187,23 @@ def test_lvat_runs_wait_until_their_transformer_fit_has_finished(grid, monkeypat
     (fit / "config.toml").unlink()
     (fit / "results.json").unlink()
     assert state() == "[todo]"  # a checkpoint on its own (not a fit folder) is taken as is
+
+
+def test_a_committed_run_without_its_checkpoint_counts_as_finished(grid, monkeypatch, capsys):
+    """Studies grow across machines: the small files of finished runs are committed (never
+    checkpoints); a later sweep on another machine skips them and the report counts them."""
+    from lvat.analysis.report import find_runs, read_run, summarize
+
+    monkeypatch.chdir(grid)
+    assert sweep("grid.toml") == 0
+    kept = ("config.toml", "split.json", "metrics.jsonl", "eval.jsonl", "results.json")
+    for j in plan("grid.toml"):  # what a clone of the repository holds
+        for f in j.out.iterdir():
+            if f.name not in kept:
+                f.unlink()
+    capsys.readouterr()
+    assert sweep("grid.toml") == 0
+    out = capsys.readouterr().out
+    assert out.count("[done]") == 4 and "[start]" not in out and "[resume]" not in out
+    report = summarize([read_run(p) for p in find_runs(["runs"])])
+    assert sorted(c.n for c in report.cells) == [2, 2]
