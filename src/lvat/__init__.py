@@ -12,11 +12,26 @@ __version__ = "0.1.0"
 
 # Eager: load_transformer's module loads lvat.models (VAE, Glow) anyway: no extra import time.
 from lvat.models.glow import Glow  # noqa: E402
-from lvat.models.transformers import load_transformer, save_transformer  # noqa: E402
+from lvat.models.transformers import (  # noqa: E402
+    available_transformers,
+    export_transformer,
+    load_transformer,
+    save_transformer,
+)
 from lvat.models.vae import VAE  # noqa: E402
 from lvat.regularizers import LVAT, VAT  # noqa: E402
 
-__all__ = ["LVAT", "VAE", "VAT", "Glow", "__version__", "load_transformer", "save_transformer"]
+__all__ = [
+    "LVAT",
+    "VAE",
+    "VAT",
+    "Glow",
+    "__version__",
+    "available_transformers",
+    "export_transformer",
+    "load_transformer",
+    "save_transformer",
+]
 
 # Plugins: a new method (`lvat.regularizers.register_method`, `Method`) or transformer kind
 # (`lvat.models.register_kind`, `TransformerKind`) registers from outside the package.

@@ -128,11 +128,29 @@ _KINDS: dict[str, str] = {}
 
 
 def transformer_kind(path: str, run_dir: Path) -> str:
-    """A transformer checkpoint's `kind` ('vae', 'glow', ...); '' if it cannot be read."""
-    for candidate in (Path(path), run_dir / path):
+    """A transformer checkpoint's `kind` ('vae', 'glow', ...); '' if it cannot be read.
+
+    `path` may also be a `.safetensors` file or a shipped name such as "fashion-mnist/glow"."""
+    from lvat.models.transformers import SAFETENSORS, resolve_transformer
+
+    try:
+        shipped = [resolve_transformer(path)]
+    except LvatError:
+        shipped = []
+    for candidate in (Path(path), run_dir / path, *shipped):
         key = str(candidate.resolve())
         if key in _KINDS:
             return _KINDS[key]
+        if candidate.is_file() and candidate.suffix == SAFETENSORS:
+            from safetensors import safe_open
+
+            try:
+                with safe_open(str(candidate), framework="pt") as f:
+                    kind = (f.metadata() or {}).get("kind", "")
+            except Exception:  # unreadable: the row falls back to plain "LVAT"
+                kind = ""
+            _KINDS[key] = kind
+            return kind
         if candidate.is_file():
             kind = ""
             for mmap in (True, False):  # mmap reads only the small `kind`; old formats need False

@@ -17,7 +17,13 @@ from lvat.models.registry import (
     register_kind,
     unregister_kind,
 )
-from lvat.models.transformers import TRANSFORMERS, load_transformer, save_transformer
+from lvat.models.transformers import (
+    TRANSFORMERS,
+    available_transformers,
+    export_transformer,
+    load_transformer,
+    save_transformer,
+)
 from lvat.models.vae import VAE, recon_mse, vae_loss
 
 __all__ = [
@@ -34,6 +40,8 @@ __all__ = [
     "glow_loss",
     "kind_for_config",
     "kind_for_model",
+    "available_transformers",
+    "export_transformer",
     "load_transformer",
     "nonfinite_decode_rate",
     "recon_mse",
