@@ -98,3 +98,12 @@ def test_diagnose_judges_another_xi_power_method_and_precision_on_the_same_run(
     assert not (run / "diagnostics").exists()
     assert main(["diagnose", str(run), "--images", "16", "--xi", "0.001", "--out", str(out)]) == 0
     assert json.loads((out / "directions.json").read_text())["xi"] == 0.001
+
+
+def test_the_float64_reference_of_a_float32_run_draws_the_same_d():
+    # Far above float32 rounding (xi = 1e-2) a float32 run's direction is the float64 one: this
+    # holds only if both computations start from the same random d (drawn in float32 for both).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    cos = direction_quality(model, VAT(1.0, xi=1e-2), torch.rand(5, 6))
+    assert (cos["float64"] > 0.999).all()

@@ -85,7 +85,9 @@ def test_exact_lvat_is_the_fisher_at_the_reconstruction_without_the_first_order_
     ra, rb = LVAT(t, 1.0, power_method="exact").perturbation(model, x)
     # The same d, then one product with the Hessian of KL(q(dec(z)) || q(dec(z + r))) at r = 0.
     torch.manual_seed(1)
-    da, db = torch.randn_like(za), torch.randn_like(zb)
+    # d is drawn in float32 whatever the latent precision (the same d as a float32 run)
+    da = torch.randn_like(za, dtype=torch.float32).double()
+    db = torch.randn_like(zb, dtype=torch.float32).double()
     q = logits(torch.zeros_like(za), torch.zeros_like(zb)).detach()
     flat = torch.cat([za.flatten(1), zb.flatten(1)], 1)
     na = za[0].numel()

@@ -106,8 +106,9 @@ def test_lvat_is_algorithm_2_on_the_same_random_d():
     torch.manual_seed(1)
     with torch.no_grad():
         za, zb = t.encode(x)
-    da = (xi * normalize(torch.randn_like(za))).requires_grad_()
-    db = (xi * normalize(torch.randn_like(zb))).requires_grad_()
+    # d is drawn in float32 whatever the latent's precision (the same d as a float32 run)
+    da = (xi * normalize(torch.randn_like(za, dtype=torch.float32).double())).requires_grad_()
+    db = (xi * normalize(torch.randn_like(zb, dtype=torch.float32).double())).requires_grad_()
     target = model(x).detach()  # p(x), not p(decode(encode(x)))
     ga, gb = torch.autograd.grad(
         kl_divergence(target, model(t.decode((za + da, zb + db)))), [da, db]

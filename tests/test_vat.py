@@ -127,7 +127,7 @@ def test_r_is_eps_times_normalized_kl_gradient_at_xi_d():
     loss = VAT(eps, xi=xi)(model, x)
 
     torch.manual_seed(1)
-    d = (xi * normalize(torch.randn_like(x))).requires_grad_()
+    d = (xi * normalize(torch.randn_like(x, dtype=torch.float32).double())).requires_grad_()
     target = model(x).detach()
     (g,) = torch.autograd.grad(kl_divergence(target, model(x + d)), d)
     r_ref = eps * normalize(g)
@@ -172,7 +172,7 @@ def test_kl_gradient_matches_central_finite_differences_in_float64():
 
     # The VAT class computes the same direction from the same random d.
     torch.manual_seed(7)
-    d_same = torch.randn_like(x)
+    d_same = torch.randn_like(x, dtype=torch.float32).double()  # d is drawn in float32
     torch.manual_seed(7)
     r = VAT(1.0, xi=xi).perturbation(model, x)
     g_same = power_iteration(lambda ds: model(x + ds[0]), target, [d_same], xi, 1)[0]

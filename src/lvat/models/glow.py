@@ -210,7 +210,9 @@ class Glow(nn.Module):
         x_q = self._levels(x) / bins - 0.5
         if deterministic:
             return x_q + 0.5 / bins
-        return x_q + torch.rand(x.shape, device=x.device, dtype=x.dtype) / bins
+        # Drawn in float32 whatever x's precision: a float64 copy sees the same noise (same seed).
+        u = torch.rand(x.shape, device=x.device, dtype=torch.float32).to(x.dtype)
+        return x_q + u / bins
 
     def postprocess(self, x_tilde: torch.Tensor) -> torch.Tensor:
         """x~ -> image: +0.5, straight-through floor to n_bits, clip, rescale to [0, 1].

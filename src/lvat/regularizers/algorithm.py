@@ -78,7 +78,9 @@ def virtual_adversarial(
     def moved(r: Sequence[Tensor]) -> Tensor:  # the classifier input at base + r
         return to_input([b + ri for b, ri in zip(base, r, strict=True)])
 
-    d = [torch.randn_like(b) for b in base]  # 1. random d, drawn before the masks are fixed
+    # 1. random d, drawn before the masks are fixed; in float32 whatever the base's precision, so
+    # that a float64 reference (`lvat diagnose`) sees the same d as a float32 run of the same seed
+    d = [torch.randn_like(b, dtype=torch.float32).to(b.dtype) for b in base]
     with UnlabeledPasses(model, x.device) as classify:
         keep_graph = with_loss and entropy_weight > 0  # VAT+Ent: the clean pass keeps its graph
         with classify.precise(), contextlib.nullcontext() if keep_graph else torch.no_grad():
