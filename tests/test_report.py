@@ -13,6 +13,7 @@ from conftest import tiny_run_flags as _flags
 from lvat.analysis.paper import TABLE3, Cell, paper_error
 from lvat.cli import main
 from lvat.config import Config, load_config
+from lvat.errors import LvatError
 from lvat.train import train
 
 # The paper's Table 3 (docs/method.md §7.1), verbatim: the paper module must hold exactly these.
@@ -227,3 +228,46 @@ def test_find_runs_skips_the_abandoned_attempts_kept_inside_a_run(tmp_path):
         (folder / "split.json").write_text("{}")
     (run / "results.json").write_text("{}")
     assert find_runs([tmp_path / "sweep"]) == [run]
+
+
+def test_the_paired_interval_is_the_t_interval_computed_by_hand():
+    from lvat.analysis.report import paired_interval
+
+    # diffs 1, 2, 4: mean 7/3, sample sd sqrt(7/3) = 1.52753, se = 0.881917; t(0.975, 2) =
+    # 4.302653 (tables): half-width 3.794583.
+    lo, hi = paired_interval([1.0, 2.0, 4.0])
+    assert lo == pytest.approx(7 / 3 - 3.794583, abs=1e-5)
+    assert hi == pytest.approx(7 / 3 + 3.794583, abs=1e-5)
+    assert paired_interval([1.5]) is None
+
+
+def _run_files(folder: Path, seed: int, error: float, **method) -> None:
+    import tomli_w
+
+    folder.mkdir(parents=True)
+    config = {"seed": seed, "data": {"name": "toy.npz", "num_labeled": 20, "split_seed": seed},
+              "method": {"name": "vat", "eps": 2.0, **method}}  # fmt: skip
+    (folder / "config.toml").write_text(tomli_w.dumps(config))
+    (folder / "split.json").write_text(json.dumps({"num_train": 100, "num_labeled": 20}))
+    (folder / "results.json").write_text(json.dumps({"method": "vat", "test_error": error}))
+
+
+def test_rows_split_by_power_method_and_paired_differences_per_seed(tmp_path):
+    from lvat.analysis.report import find_runs, paired, read_run, summarize
+
+    exact = [30.0, 28.0, 33.0]
+    fd = [31.0, 30.5, 33.5]
+    for s in range(3):
+        _run_files(tmp_path / "exact" / f"s{s}", s, exact[s], power_method="exact", xi=1e-6)
+        _run_files(tmp_path / "fd" / f"s{s}", s, fd[s], power_method="finite-difference", xi=1e-6)
+    _run_files(tmp_path / "fd" / "s9", 9, 50.0, power_method="finite-difference", xi=1e-6)
+    report = summarize([read_run(p) for p in find_runs([tmp_path])])
+    assert set(report.rows()) == {"VAT exact", "VAT xi=1e-06"}
+    (pair,) = paired(report, "VAT exact", "VAT xi=1e-06")
+    assert pair.diffs == [-1.0, -2.5, -0.5] and pair.n == 3  # seed 9 has no partner
+    # mean -4/3, sd 1.040833, half-width 4.302653 * 1.040833 / sqrt(3) = 2.585573: spans 0
+    lo, hi = pair.interval
+    assert (lo, hi) == pytest.approx((-4 / 3 - 2.585573, -4 / 3 + 2.585573), abs=1e-5)
+    assert not pair.resolved and "-1.33 [-3.92, +1.25] (n=3, not resolved)" in pair.text()
+    with pytest.raises(LvatError, match="no row 'VAT'"):
+        paired(report, "VAT", "VAT exact")

@@ -82,6 +82,20 @@ class RunInfo:
         return label + ("+Ent" if self.entropy else "")
 
     @property
+    def direction(self) -> str:
+        """How the power iteration ran: "exact", or the finite difference's "xi=1e-06"."""
+        method = self.config.get("method", {})
+        if method.get("power_method", "finite-difference") == "exact":
+            return "exact"
+        xi = method.get("xi")
+        return f"xi={xi:g}" if isinstance(xi, int | float) else ""
+
+    @property
+    def seeds(self) -> tuple:
+        """(seed, split_seed): what pairs two runs of different methods for a paired test."""
+        return (self.config.get("seed"), self.config.get("data", {}).get("split_seed"))
+
+    @property
     def order(self) -> tuple[int, int]:
         """Rows in registration order: sup, VAT, LVAT-VAE, LVAT-Glow, LVAT, plugins, others."""
         rank = METHODS.index(self.method) if self.method in METHODS else 99
@@ -308,12 +322,16 @@ def summarize(runs: list[RunInfo]) -> Report:
     """Group finished runs into cells and find the paper's cells that have none."""
     finished = [r for r in runs if r.error is not None]
     # An eps suffix only where one method/setting row was run at more than one eps.
+    # Likewise a power-method suffix ("exact", "xi=0.001") where a row ran more than one.
     eps_seen: dict[str, set] = defaultdict(set)
+    direction_seen: dict[str, set] = defaultdict(set)
     for r in finished:
         eps_seen[r.row].add(r.eps)
+        direction_seen[r.row].add(r.direction)
     groups: dict[tuple, list[RunInfo]] = defaultdict(list)
     for r in finished:
         row = r.row + (f" eps={r.eps:g}" if len(eps_seen[r.row]) > 1 else "")
+        row += f" {r.direction}" if len(direction_seen[r.row]) > 1 else ""
         groups[(row, r.column)].append(r)
 
     def order(key: tuple) -> tuple:
@@ -341,6 +359,71 @@ def _key(x: RunInfo | Cell) -> tuple[Cell, int | None]:
 def _paper_cells_of(runs: list[RunInfo]) -> list[tuple[Cell, float]]:
     """The paper's cells (and values) for the datasets the runs use."""
     return [(c, TABLE3[c]) for c in paper_cells({r.cell.dataset for r in runs})]
+
+
+@dataclass
+class Paired:
+    """Row A minus row B in one column, seed by seed: mean and its 95% t-interval."""
+
+    a: str
+    b: str
+    column: tuple[str, bool, str, int]
+    diffs: list[float]  # error_A - error_B per shared (seed, split_seed), in points
+
+    @property
+    def n(self) -> int:
+        return len(self.diffs)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.diffs)
+
+    @property
+    def interval(self) -> tuple[float, float] | None:
+        """mean ± t(0.975, n-1) * sd / sqrt(n); None with fewer than two pairs."""
+        return paired_interval(self.diffs)
+
+    @property
+    def resolved(self) -> bool:
+        """The 95% interval excludes 0: the sign of the difference is resolved."""
+        ci = self.interval
+        return ci is not None and (ci[0] > 0 or ci[1] < 0)
+
+    def text(self) -> str:
+        ci = self.interval
+        span = "—" if ci is None else f"[{ci[0]:+.2f}, {ci[1]:+.2f}]"
+        verdict = "resolved" if self.resolved else "not resolved"
+        return f"{self.mean:+.2f} {span} (n={self.n}, {verdict})"
+
+
+def paired_interval(diffs: list[float], level: float = 0.95) -> tuple[float, float] | None:
+    """Two-sided t confidence interval for the mean of paired differences (n - 1 dof)."""
+    from scipy.stats import t
+
+    n = len(diffs)
+    if n < 2:
+        return None
+    half = t.ppf(0.5 + level / 2, n - 1) * statistics.stdev(diffs) / n**0.5
+    mean = statistics.fmean(diffs)
+    return mean - half, mean + half
+
+
+def paired(report: Report, a: str, b: str) -> list[Paired]:
+    """Row `a` minus row `b` per column, over the (seed, split_seed) pairs both have run."""
+    rows = set(report.rows())
+    for name in (a, b):
+        if name not in rows:
+            raise LvatError(f"--paired: no row {name!r}; rows: {', '.join(report.rows())}")
+    out = []
+    for col in report.columns():
+        cells = {c.row: c for c in report.cells if c.first.column == col}
+        if a not in cells or b not in cells:
+            continue
+        err_b = {r.seeds: r.error for r in cells[b].runs if r.error is not None}
+        diffs = [r.error - err_b[r.seeds] for r in cells[a].runs if r.seeds in err_b]
+        if diffs:
+            out.append(Paired(a, b, col, diffs))
+    return out
 
 
 def to_markdown(report: Report, metric: str = "test") -> str:
@@ -409,16 +492,35 @@ def to_csv(report: Report, metric: str = "test") -> str:
     return buf.getvalue()
 
 
+def paired_markdown(pairs: list[Paired], metric: str = "test") -> str:
+    """The paired differences as a Markdown section."""
+    lines = [
+        "",
+        f"## Paired differences in {metric} error (points; per seed, A − B; 95% t-interval)",
+        "",
+        "| A − B | column | difference |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {p.a} − {p.b} | {column_label(p.column)} | {p.text()} |" for p in pairs]
+    return "\n".join(lines) + "\n"
+
+
 def write_report(
-    paths: list[str | Path], prefix: str | Path = "report", metric: str = "test"
+    paths: list[str | Path],
+    prefix: str | Path = "report",
+    metric: str = "test",
+    pairs: list[tuple[str, str]] = (),
 ) -> tuple[Report, str]:
     """Read every run under `paths`, write PREFIX.md and PREFIX.csv; return report and Markdown.
-    `metric`: "test" (Table 3) or "validation" (the held-out split, for choosing eps)."""
+    `metric`: "test" (Table 3) or "validation" (the held-out split, for choosing eps). `pairs`:
+    (row A, row B) whose per-seed differences get a 95% confidence interval."""
     if metric not in ("test", "validation"):
         raise LvatError(f"metric {metric!r}: use test or validation")
     runs = [read_run(p, metric) for p in find_runs(paths)]
     report = summarize(runs)
     markdown = to_markdown(report, metric)
+    for a, b in pairs:
+        markdown += paired_markdown(paired(report, a, b), metric)
     prefix = Path(prefix)
     atomic_write_text(prefix.with_name(prefix.name + ".md"), markdown)
     atomic_write_text(prefix.with_name(prefix.name + ".csv"), to_csv(report, metric))
