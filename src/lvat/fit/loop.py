@@ -5,9 +5,11 @@ labels ignored, then frozen and reused by every LVAT classifier run (paper secti
 images are only evaluated, never trained on or augmented.
 
 Per step: one batch, the model's loss (VAE: BCE + 0.1 KL; Glow: NLL in bits/dim), Adam, the
-schedule of `lr_at`. Metrics are summed on the device and read back once per log window, so a
-step has no host synchronisation. Glow's ActNorms are initialised from data once, explicitly,
-before the first step (their values then live in the state dict, so resume does not redo it).
+schedule of `lr_at`. Around the step, `lvat.train.stepper` logs, evaluates and checkpoints on
+schedule, as for `lvat train`; metrics are summed on the device and read back once per log
+window, so a step has no host synchronisation. Glow's ActNorms are initialised from data once,
+explicitly, before the first step (their values then live in the state dict, so resume does not
+redo it).
 The checkpoint is a transformer checkpoint: `lvat.load_transformer(run/checkpoint.pt)` works on
 it directly; the extra entries (optimizer, RNG, stream, config) make `--resume` exact. A run
 folder (`lvat.train.run_folder`: locking, fresh-run and resume rules, as for `lvat train`) holds:
@@ -19,8 +21,8 @@ folder (`lvat.train.run_folder`: locking, fresh-run and resume rules, as for `lv
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -46,9 +48,10 @@ from lvat.fit.setup import (
 from lvat.models.registry import KINDS
 from lvat.models.transformers import save_transformer
 from lvat.train import checkpoint
-from lvat.train.monitor import Progress, window_means
+from lvat.train.distributed import World
 from lvat.train.run_folder import EVALS, METRICS, RunFolder
 from lvat.train.setup import resolve_device
+from lvat.train.stepper import Stepper
 
 HINT = "train.lr"  # what to lower after a NaN
 
@@ -117,6 +120,7 @@ def fit(cfg: FitConfig, *, resume: bool = False, stop_at: int | None = None) -> 
 def _fit(cfg: FitConfig, kind: Kind, run: RunFolder, stop_at: int | None) -> dict:
     tc = cfg.train
     device = resolve_device(cfg.device)
+    world = World(device=device)  # one process: `lvat fit` is not data-parallel
     dataset = load_from_config(cfg.data)
     check_image_size(kind, cfg, dataset)
 
@@ -134,10 +138,8 @@ def _fit(cfg: FitConfig, kind: Kind, run: RunFolder, stop_at: int | None) -> dic
     )
     metrics = run.log(METRICS, tc.tensorboard)
     evals = run.log(EVALS)
-    start, elapsed = 0, 0.0
 
     def restore(state: dict) -> None:
-        nonlocal start, elapsed
         if state.get("kind") != kind.name:
             raise LvatError(f"{run.checkpoint} holds a {state.get('kind')} run, not {kind.name}")
         if isinstance(state.get("config"), dict):  # the library path: no CLI checked the flags
@@ -147,13 +149,12 @@ def _fit(cfg: FitConfig, kind: Kind, run: RunFolder, stop_at: int | None) -> dic
         checkpoint.load_optimizer_state(optimizer, state["optimizer"], run.checkpoint)
         stream.load_state_dict(state["batches"])
         checkpoint.set_rng_state(state["rng"])
-        start, elapsed = int(state["step"]), float(state["elapsed"])
 
-    # Resume: load, then cut metrics back to the checkpoint's step.
-    if run.restore(restore) is None:  # a fresh run: the kind's data-dependent init (Glow's ActNorm)
+    state = run.restore(restore)  # resume: load, then cut metrics back to its step
+    if state is None:  # a fresh run: the kind's data-dependent init (Glow's ActNorm)
         kind.initialize(model, dataset.x_train, cfg, device)
     run.write_config(cfg)  # only now: a resume that does not fit the checkpoint changes nothing
-    end = min(tc.steps, stop_at) if stop_at is not None else tc.steps
+    steps = Stepper(tc, kind.terms, run, metrics, world, resumed=state, stop_at=stop_at, hint=HINT)
 
     def save(step: int) -> None:
         run.check_finite(model, step, HINT)
@@ -162,7 +163,7 @@ def _fit(cfg: FitConfig, kind: Kind, run: RunFolder, stop_at: int | None) -> dic
                 model,
                 path,
                 step=step,
-                elapsed=elapsed + time.perf_counter() - t0,
+                elapsed=steps.time_s(),
                 config=to_dict(cfg),
                 optimizer=optimizer.state_dict(),
                 batches=stream.state_dict(),
@@ -180,16 +181,16 @@ def _fit(cfg: FitConfig, kind: Kind, run: RunFolder, stop_at: int | None) -> dic
         row = {"step": step, **test}
         if record:
             write_grids(kind, model, dataset.x_test, cfg, run.path, device, cfg.seed)
-            evals.write({**row, "time_s": elapsed + time.perf_counter() - t0})
+            evals.write({**row, "time_s": steps.time_s()})
         return row
 
-    progress = Progress(end, start, tc.progress)
-    final: dict = {}
-    sums = torch.zeros(len(kind.terms), device=device)
-    window = 0
-    t0 = time.perf_counter()
-    t_log = t0
-    for step in range(start, end):
+    def evaluate(step: int) -> dict:
+        if step == tc.steps:  # the last step (always evaluated) first makes BatchNorm exact
+            recalibrate_batchnorm(model, stream, tc.bn_recalibration_batches)
+        return run_eval(step)
+
+    # The loop: logging, evaluation and checkpoints on schedule are the stepper's.
+    for step in steps.run(evaluate=evaluate, save=save):
         lr = lr_at(step, tc)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -198,38 +199,13 @@ def _fit(cfg: FitConfig, kind: Kind, run: RunFolder, stop_at: int | None) -> dic
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         optimizer.step()
-        sums += torch.stack([terms[k].detach() for k in kind.terms]).float()
-        window += 1
-        done = step + 1
-        last = done == end
-        logged = done % tc.log_every == 0 or last or done % tc.checkpoint_every == 0
-        if logged:
-            means = window_means(sums, window, done, run.checkpoint, HINT)
-            now = time.perf_counter()
-            row = {
-                "step": done,
-                **dict(zip(kind.terms, means, strict=True)),
-                **probe(kind, model, x, device, cfg.seed + done),
-                "lr": lr,
-                "steps_per_s": window / (now - t_log),
-                "time_s": elapsed + now - t0,
-            }
-            metrics.write(row)
-            progress.update(done, loss=row["loss"])
-            sums.zero_()
-            window = 0
-        if done == tc.steps:
-            recalibrate_batchnorm(model, stream, tc.bn_recalibration_batches)
-        if done % tc.eval_every == 0 or last:
-            final = run_eval(done)
-        if done % tc.checkpoint_every == 0 or last:
-            save(done)
-        if logged:
-            t_log = time.perf_counter()  # steps/s measures training only, not probes or evals
-    progress.close()
-    if end < tc.steps:
-        return {"step": end, "finished": False}
-    wall_time = elapsed + time.perf_counter() - t0  # not counting a re-evaluation (below)
+        stats = torch.stack([terms[k].detach() for k in kind.terms]).float()
+        # A log row also probes this batch: reconstruction error, non-finite decodes.
+        steps.add(stats, partial(probe, kind, model, x, device, cfg.seed + step + 1), lr=lr)
+    if not steps.finished:
+        return steps.unfinished()
+    wall_time = steps.time_s()  # not counting a re-evaluation (below)
+    final = steps.evaluation
     if not final:  # resumed after the final checkpoint, killed before results.json
         final = run_eval(tc.steps, record=False)  # eval.jsonl and the grids already have it
     results = {

@@ -2,10 +2,11 @@
 
 Per step (`lvat.train.step.train_step`): cross-entropy on a labeled batch (the only pass that
 updates BatchNorm statistics), plus alpha times the regularizer's consistency cost on an unlabeled
-batch; Adam with the paper's schedule. Metrics are summed on the device and read back every
-`log_every` steps only, so a step has no host synchronisation. Under torchrun the same loop runs
-data-parallel (`lvat.train.distributed`); rank 0 writes the run folder
-(`lvat.train.run_folder`: locking, fresh-run and resume rules):
+batch; Adam with the paper's schedule. Around the step, `lvat.train.stepper` logs, evaluates
+and checkpoints on schedule; metrics are summed on the device and read back once per log window
+only, so a step has no host synchronisation. Under torchrun the same loop runs data-parallel
+(`lvat.train.distributed`); rank 0 writes the run folder (`lvat.train.run_folder`: locking,
+fresh-run and resume rules):
 
     config.toml  split.json  metrics.jsonl  eval.jsonl  checkpoint.pt  results.json
 
@@ -17,7 +18,6 @@ warns once on stderr, since the regularizer then silently adds nothing.
 from __future__ import annotations
 
 import sys
-import time
 
 import torch
 import torch.nn.functional as F  # noqa: F401  (the step's F; tests patch loop.F.cross_entropy)
@@ -29,14 +29,14 @@ from lvat.environment import environment
 from lvat.errors import LvatError
 from lvat.train import checkpoint, distributed, fast, schedule
 from lvat.train.distributed import GradSync, World, rank_seed
-from lvat.train.monitor import NonFiniteLoss, Progress, window_means
+from lvat.train.monitor import NonFiniteLoss
 from lvat.train.run_folder import EVALS, METRICS, RunFolder
 from lvat.train.runs import evaluate_splits
 from lvat.train.setup import build_model, build_regularizer
 from lvat.train.step import STATS, train_step
+from lvat.train.stepper import Stepper
 
 HINT = "train.lr or method.eps"  # what to lower after a NaN
-ZERO_DIRECTION = STATS.index("zero_direction")
 
 # NonFiniteLoss: re-exported (lvat.train imports it from here).
 __all__ = ["NonFiniteLoss", "train"]
@@ -91,16 +91,15 @@ def _train(cfg: Config, world: World, run: RunFolder, stop_at: int | None) -> di
     batches = train_batches(cfg.data, dataset, split, batch_l, batch_u, device=device, seed=seed)
     metrics = run.log(METRICS, tc.tensorboard)
     evals = run.log(EVALS)
-    start, elapsed = 0, 0.0
 
     def restore(state: dict) -> None:
-        nonlocal batches, start, elapsed
+        nonlocal batches
         # Entries, saved config, and the keys a resume must keep (model, split, method, seed):
         # an override that changes them is refused here too, not only by the CLI.
         checkpoint.check_resume_state(state, run.checkpoint, cfg)
         checkpoint.load_model_state(model, state["model"], run.checkpoint, "the model")
         checkpoint.load_optimizer_state(optimizer, state["optimizer"], run.checkpoint)
-        start, elapsed = int(state["step"]), float(state["elapsed"])
+        start = int(state["step"])
         own = distributed.own_state(state, world)
         if own is not None:
             batches.load_state_dict(own["batches"])
@@ -118,9 +117,9 @@ def _train(cfg: Config, world: World, run: RunFolder, stop_at: int | None) -> di
                 cfg.data, dataset, split, batch_l, batch_u, device=device, seed=fresh
             )
 
-    run.restore(restore)  # resume: load, then cut metrics back to the checkpoint's step
+    state = run.restore(restore)  # resume: load, then cut metrics back to its step
     run.write_config(cfg)  # only now: a resume that does not fit the checkpoint changes nothing
-    end = min(tc.steps, stop_at) if stop_at is not None else tc.steps
+    steps = Stepper(tc, STATS, run, metrics, world, resumed=state, stop_at=stop_at, hint=HINT)
 
     def save(step: int) -> None:
         run.check_finite(model, step, HINT)
@@ -133,7 +132,7 @@ def _train(cfg: Config, world: World, run: RunFolder, stop_at: int | None) -> di
                 path,
                 {
                     "step": step,
-                    "elapsed": elapsed + time.perf_counter() - t0,
+                    "elapsed": steps.time_s(),
                     "config": to_dict(cfg),
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
@@ -149,19 +148,21 @@ def _train(cfg: Config, world: World, run: RunFolder, stop_at: int | None) -> di
             evals.write({k: v for k, v in row.items() if not isinstance(v, list)})
         return row
 
-    progress = Progress(end, start, tc.progress and main)
-    final: dict = {}
-    sums = torch.zeros(len(STATS), device=device)
-    window = 0
     warned = False  # about vanished regularizer directions: once per run
-    t0 = time.perf_counter()
-    t_log = t0
-    for step in range(start, end):
+
+    def watch(row: dict, first: int) -> None:
+        nonlocal warned
+        if not warned and row["zero_direction"] > 0.5:
+            warned = True
+            print(vanished_direction(row["zero_direction"], first, row["step"]), file=sys.stderr)
+
+    # The loop: logging, evaluation and checkpoints on schedule are the stepper's.
+    for step in steps.run(evaluate=run_eval, save=save, watch=watch):
         lr, beta1 = schedule.lr_and_beta1(step, tc)
         schedule.apply(optimizer, lr, beta1)
         batch = batches.next()
         z = cache.lookup(batch.idx_unlabeled) if cache is not None else None
-        sums += train_step(
+        stats = train_step(
             model,
             regularizer,
             optimizer,
@@ -171,40 +172,11 @@ def _train(cfg: Config, world: World, run: RunFolder, stop_at: int | None) -> di
             z_unlabeled=z,
             sync=sync,
         )
-        window += 1
-        done = step + 1
-        last = done == end
-        if done % tc.log_every == 0 or last or done % tc.checkpoint_every == 0:
-            means = window_means(world.mean(sums), window, done, run.checkpoint, HINT)
-            now = time.perf_counter()
-            if main and not warned and means[ZERO_DIRECTION] > 0.5:
-                warned = True
-                print(
-                    vanished_direction(means[ZERO_DIRECTION], done - window + 1, done),
-                    file=sys.stderr,
-                )
-            row = {
-                "step": done,
-                **dict(zip(STATS, means, strict=True)),
-                "lr": lr,
-                "beta1": beta1,
-                "steps_per_s": window / (now - t_log),
-                "time_s": elapsed + now - t0,
-            }
-            if main:
-                metrics.write(row)
-            progress.update(done, loss=row["loss"])
-            sums.zero_()
-            window, t_log = 0, now
-        if main and (done % tc.eval_every == 0 or last):
-            final = run_eval(done)
-        if done % tc.checkpoint_every == 0 or last:
-            save(done)
-    progress.close()
-    if end < tc.steps:
-        world.barrier()  # nobody leaves (and maybe resumes) before rank 0 has saved
-        return {"step": end, "finished": False}
-    wall_time = elapsed + time.perf_counter() - t0  # not counting a re-evaluation (below)
+        steps.add(stats, lr=lr, beta1=beta1)
+    if not steps.finished:
+        return steps.unfinished()
+    wall_time = steps.time_s()  # not counting a re-evaluation (below)
+    final = steps.evaluation
     if main and not final:  # resumed after the final checkpoint, killed before results.json
         final = run_eval(tc.steps, record=False)  # eval.jsonl already has this row
     results = None

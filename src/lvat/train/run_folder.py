@@ -183,12 +183,16 @@ class RunFolder:
 
     def _check_resume(self, steps: int) -> dict | None:
         self._state = ckpt.load(self.checkpoint)
-        step = self._state.get("step")
-        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-            raise LvatError(
-                f"{self.checkpoint} is not a checkpoint of `lvat train` or `lvat fit` (its step "
-                f"is {step!r}); use the checkpoint.pt of a run folder"
-            )
+        step, elapsed = self._state.get("step"), self._state.get("elapsed")
+        for key, value, ok in (
+            ("step", step, isinstance(step, int) and step >= 0),
+            ("elapsed", elapsed, isinstance(elapsed, int | float) and elapsed >= 0),
+        ):  # what the loop continues from (`lvat.train.stepper`)
+            if not ok or isinstance(value, bool):
+                raise LvatError(
+                    f"{self.checkpoint} is not a checkpoint of `lvat train` or `lvat fit` (its "
+                    f"{key} is {value!r}); use the checkpoint.pt of a run folder"
+                )
         if step > steps:
             raise LvatError(
                 f"{self.checkpoint} is at step {step}, past train.steps = {steps}; resume with "
