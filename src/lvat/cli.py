@@ -6,7 +6,10 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Literal
 
+from lvat.config.flags import add_flags, flag, from_flags
 from lvat.errors import LvatError
 
 
@@ -120,37 +123,63 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+@dataclass
+class FiguresOptions:
+    """`lvat figures`: the arguments of `lvat.analysis.figures.make_figures`."""
+
+    run_dir: str
+    """a VAT or LVAT run folder written by `lvat train`"""
+    samples: int = flag(5000, metavar="N")
+    """random test images (5000)"""
+    eps_vat: float | None = flag(None, metavar="X")
+    """VAT eps marked in Fig. 2 for LVAT (2.5)"""
+    transformer: str | None = flag(None, metavar="CKPT")
+    """VAE/Glow checkpoint for a VAT run"""
+    seed: int = 0
+    """seed for images and perturbations"""
+    batch_size: int | None = flag(None, metavar="B")
+    """default: the run's batch_unlabeled"""
+    device: str | None = None
+    """device (default: the run's)"""
+
+
 def _cmd_figures(args: argparse.Namespace) -> int:
     from lvat.analysis.figures import make_figures, summary_text
 
-    info = make_figures(
-        args.run_dir,
-        samples=args.samples,
-        eps_vat=args.eps_vat,
-        transformer=args.transformer,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        device=args.device,
-    )
-    print(summary_text(info))
+    print(summary_text(make_figures(**asdict(from_flags(FiguresOptions, args)))))
     return 0
+
+
+@dataclass
+class DiagnoseOptions:
+    """`lvat diagnose`: the arguments of `lvat.analysis.directions.diagnose_run`."""
+
+    run_dir: str
+    """a VAT or LVAT run folder written by `lvat train`"""
+    images: int = flag(256, metavar="N")
+    """test images (256)"""
+    batch_size: int | None = flag(None, metavar="B")
+    """default: the run's batch_unlabeled"""
+    reference_iterations: int = flag(30, metavar="K")
+    """exact float64 products for the top eigenvector (30)"""
+    seed: int = 0
+    """seed for images and the random d"""
+    xi: float | None = None
+    """judge this xi instead of the run's"""
+    power_method: Literal["finite-difference", "exact"] | None = None
+    """judge this power method instead of the run's"""
+    amp: Literal["off", "bf16"] = "off"
+    """the direction under bf16 autocast"""
+    out: str | None = None
+    """folder for the report (default RUN_DIR/diagnostics)"""
+    device: str | None = None
+    """device (default: the run's)"""
 
 
 def _cmd_diagnose(args: argparse.Namespace) -> int:
     from lvat.analysis.directions import diagnose_run, summary_line
 
-    info = diagnose_run(
-        args.run_dir,
-        images=args.images,
-        batch_size=args.batch_size,
-        reference_iterations=args.reference_iterations,
-        seed=args.seed,
-        device=args.device,
-        xi=args.xi,
-        power_method=args.power_method,
-        amp=args.amp,
-        out=args.out,
-    )
+    info = diagnose_run(**asdict(from_flags(DiagnoseOptions, args)))
     print(summary_line(info))
     print(f"wrote {info['files']['json']}, {info['files']['png']} and {info['files']['pdf']}")
     return 0
@@ -173,30 +202,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from lvat.bench import BenchOptions, run_bench, write_report
+    from lvat.bench import run_bench, write_report
+    from lvat.bench.suite import METHODS, MODELS, BenchOptions
     from lvat.train.setup import resolve_device
 
-    split = lambda v: tuple(x for x in v.split(",") if x)  # noqa: E731
-    opts = BenchOptions(
-        models=split(args.models),
-        methods=split(args.methods),
-        device=args.device,
-        batch_labeled=args.batch_labeled,
-        batch_unlabeled=args.batch_unlabeled,
-        warmup=args.warmup,
-        repeats=args.repeats,
-        steps_per_repeat=args.steps_per_repeat,
-        amp=args.amp,
-        channels_last=args.channels_last,
-        compile=args.compile,
-        cache_latents=args.cache_latents,
-        exact=not args.no_exact,
-        naive=not args.no_naive,
-        peak_size=args.peak_size,
-        num_images=args.num_images,
-    )
-    from lvat.bench.suite import METHODS, MODELS
-
+    opts = from_flags(BenchOptions, args)
     for what, given, known in (("model", opts.models, MODELS), ("method", opts.methods, METHODS)):
         if not given or set(given) - set(known):
             raise LvatError(f"--{what}s: choose from {', '.join(known)}; got {','.join(given)}")
@@ -319,19 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
         "histogram of ||x - x_adv|| (Fig. 2), image grids (Fig. 3), adversarial vs reconstruction "
         "distances (Fig. 4), training curves; print accuracy on x vs Dec(Enc(x)).",
     )
-    fig.add_argument("run_dir", help="a VAT or LVAT run folder written by `lvat train`")
-    fig.add_argument(
-        "--samples", type=int, default=5000, metavar="N", help="random test images (5000)"
-    )
-    fig.add_argument(
-        "--eps-vat", type=float, metavar="X", help="VAT eps marked in Fig. 2 for LVAT (2.5)"
-    )
-    fig.add_argument("--transformer", metavar="CKPT", help="VAE/Glow checkpoint for a VAT run")
-    fig.add_argument("--seed", type=int, default=0, help="seed for images and perturbations")
-    fig.add_argument(
-        "--batch-size", type=int, metavar="B", help="default: the run's batch_unlabeled"
-    )
-    fig.add_argument("--device", default=None, help="device (default: the run's)")
+    add_flags(fig, FiguresOptions)
     fig.set_defaults(func=_cmd_figures)
     diag = sub.add_parser(
         "diagnose",
@@ -341,30 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
         "power iteration), float64 finite difference vs exact, and (LVAT) the first-order "
         "term. Writes RUN_DIR/diagnostics/directions.{json,png,pdf}; see docs/numerics.md.",
     )
-    diag.add_argument("run_dir", help="a VAT or LVAT run folder written by `lvat train`")
-    diag.add_argument("--images", type=int, default=256, metavar="N", help="test images (256)")
-    diag.add_argument(
-        "--batch-size", type=int, metavar="B", help="default: the run's batch_unlabeled"
-    )
-    diag.add_argument(
-        "--reference-iterations",
-        type=int,
-        default=30,
-        metavar="K",
-        help="exact float64 products for the top eigenvector (30)",
-    )
-    diag.add_argument("--seed", type=int, default=0, help="seed for images and the random d")
-    diag.add_argument("--xi", type=float, help="judge this xi instead of the run's")
-    diag.add_argument(
-        "--power-method",
-        choices=("finite-difference", "exact"),
-        help="judge this power method instead of the run's",
-    )
-    diag.add_argument(
-        "--amp", choices=("off", "bf16"), default="off", help="the direction under bf16 autocast"
-    )
-    diag.add_argument("--out", help="folder for the report (default RUN_DIR/diagnostics)")
-    diag.add_argument("--device", default=None, help="device (default: the run's)")
+    add_flags(diag, DiagnoseOptions)
     diag.set_defaults(func=_cmd_diagnose)
     bench = sub.add_parser(
         "bench",
@@ -376,33 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
         "the speed targets are met; write a JSON with hardware and versions. VAE and Glow are "
         "random-init: timing needs no trained weights.",
     )
-    bench.add_argument("--models", default="conv-large,conv-small", help="comma-separated")
-    bench.add_argument("--methods", default="sup,vat,lvat-vae,lvat-glow", help="comma-separated")
-    bench.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    from lvat.bench.suite import BenchOptions
+
+    add_flags(bench, BenchOptions)
     bench.add_argument("--out", default=None, help="JSON report (default: bench/DEVICE.json)")
-    bench.add_argument("--warmup", type=int, default=None, help="untimed steps (CPU 1, GPU 5)")
-    bench.add_argument("--repeats", type=int, default=None, help="timed runs (CPU 3, GPU 10)")
-    bench.add_argument(
-        "--steps-per-repeat", type=int, default=None, help="steps per timed run (CPU 1, GPU 10)"
-    )
-    bench.add_argument("--batch-labeled", type=int, default=32, help="paper: 32")
-    bench.add_argument("--batch-unlabeled", type=int, default=128, help="paper: 128")
-    bench.add_argument("--amp", choices=("auto", "off", "bf16"), default="auto")
-    bench.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto")
-    bench.add_argument(
-        "--compile", choices=("auto", "on", "off"), default="auto", help="auto: on for CUDA"
-    )
-    bench.add_argument(
-        "--cache-latents", action="store_true", help="add LVAT rows with train.cache_latents"
-    )
-    bench.add_argument(
-        "--no-exact",
-        action="store_true",
-        help="skip the VAT/LVAT rows with the exact power iteration (power_method exact)",
-    )
-    bench.add_argument("--no-naive", action="store_true", help="skip the naive baseline rows")
-    bench.add_argument("--peak-size", type=int, default=None, help="matmul n (CPU 1024, GPU 8192)")
-    bench.add_argument("--num-images", type=int, default=1024, help="random image pool size")
     bench.set_defaults(func=_cmd_bench)
 
     sw = sub.add_parser(

@@ -19,6 +19,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
@@ -65,25 +66,44 @@ def _reference(total: int) -> str:
 
 @dataclass
 class BenchOptions:
-    """What `lvat bench` runs; None = a default chosen for the device."""
+    """What `lvat bench` runs; None = a default chosen for the device. The field docstrings are
+    `lvat bench --help` (`lvat.config.flags`)."""
 
     models: Sequence[str] = tuple(MODELS)
+    """classifiers to time, comma-separated (conv-large on 3x32x32, conv-small on 1x32x32)"""
     methods: Sequence[str] = METHODS
+    """rows to time, comma-separated (sup, vat, lvat-vae, lvat-glow)"""
     device: str = "auto"
+    """auto, cpu, cuda, cuda:N"""
     batch_labeled: int = 32
+    """labeled images per step (paper: 32)"""
     batch_unlabeled: int = 128
+    """unlabeled images per step (paper: 128)"""
     warmup: int | None = None
+    """untimed steps (CPU 1, GPU 5, or 10 with compile)"""
     repeats: int | None = None
+    """timed runs (CPU 3, GPU 10)"""
     steps_per_repeat: int | None = None
-    amp: str = "auto"
-    channels_last: str = "auto"
-    compile: str = "auto"  # auto: on for CUDA
-    cache_latents: bool = False  # add LVAT rows with train.cache_latents on ("+cache")
-    exact: bool = True  # add VAT/LVAT rows with method.power_method = "exact" ("+exact")
+    """steps per timed run (CPU 1, GPU 10)"""
+    amp: Literal["auto", "off", "bf16"] = "auto"
+    """train.amp of our rows (auto: bf16 on CUDA)"""
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    """train.channels_last of our rows (auto: on for CUDA)"""
+    compile: Literal["auto", "on", "off"] = "auto"
+    """torch.compile our step (auto: on for CUDA)"""
+    cache_latents: bool = False
+    """add LVAT rows with train.cache_latents ("+cache")"""
+    exact: bool = True
+    """VAT/LVAT rows with the exact power iteration too (power_method exact, "+exact");
+    --no-exact skips them"""
     naive: bool = True
+    """the naive baseline rows next to ours; --no-naive skips them"""
     peak_size: int | None = None
-    num_images: int = 1024  # size of the random image pool the batches are drawn from
+    """matmul n of the measured peak (CPU 1024, GPU 8192)"""
+    num_images: int = 1024
+    """random image pool size the batches are drawn from"""
     seed: int = 0
+    """seed of the random images, split, weights and batches"""
 
 
 def _defaults(opts: BenchOptions, device: torch.device) -> tuple[int, int, int, bool]:
