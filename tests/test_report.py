@@ -271,3 +271,19 @@ def test_rows_split_by_power_method_and_paired_differences_per_seed(tmp_path):
     assert not pair.resolved and "-1.33 [-3.92, +1.25] (n=3, not resolved)" in pair.text()
     with pytest.raises(LvatError, match="no row 'VAT'"):
         paired(report, "VAT", "VAT exact")
+
+
+def test_lvat_report_paired_prints_the_interval_and_refuses_unknown_rows(tmp_path, capsys):
+    for s, (e, f) in enumerate([(30.0, 31.0), (28.0, 30.5), (33.0, 33.5)]):
+        _run_files(tmp_path / "exact" / f"s{s}", s, e, power_method="exact", xi=1e-6)
+        _run_files(tmp_path / "fd" / f"s{s}", s, f, power_method="finite-difference", xi=1e-6)
+    out = tmp_path / "rep"
+    assert (
+        main(["report", str(tmp_path), "--out", str(out), "--paired", "VAT exact:VAT xi=1e-06"])
+        == 0
+    )
+    row = "| VAT exact − VAT xi=1e-06 | toy SSL (20 labels) | -1.33 [-3.92, +1.25] (n=3, "
+    assert row + "not resolved) |" in out.with_suffix(".md").read_text()
+    capsys.readouterr()
+    assert main(["report", str(tmp_path), "--out", str(out), "--paired", "VAT"]) == 2
+    assert "give two row names" in capsys.readouterr().err

@@ -113,7 +113,13 @@ def _add_resume(parser: argparse.ArgumentParser, what: str) -> None:
 def _cmd_report(args: argparse.Namespace) -> int:
     from lvat.analysis.report import write_report
 
-    report, markdown = write_report(args.run_dirs, args.out, args.metric)
+    pairs = []
+    for text in args.paired:
+        a, sep, b = text.partition(":")
+        if not (sep and a.strip() and b.strip()):
+            raise LvatError(f"--paired {text!r}: give two row names as 'ROW A:ROW B'")
+        pairs.append((a.strip(), b.strip()))
+    report, markdown = write_report(args.run_dirs, args.out, args.metric, pairs)
     print(markdown, end="")
     n = sum(c.n for c in report.cells)
     print(
@@ -320,6 +326,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("test", "validation"),
         default="test",
         help="test error (Table 3; default) or validation error (for choosing eps)",
+    )
+    rep.add_argument(
+        "--paired",
+        action="append",
+        default=[],
+        metavar="'A:B'",
+        help="also row A minus row B, seed by seed, with a 95%% confidence interval (repeatable;"
+        " rows as printed, e.g. 'LVAT-VAE:VAT')",
     )
     rep.set_defaults(func=_cmd_report)
     fig = sub.add_parser(
