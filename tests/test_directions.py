@@ -107,3 +107,14 @@ def test_the_float64_reference_of_a_float32_run_draws_the_same_d():
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
     cos = direction_quality(model, VAT(1.0, xi=1e-2), torch.rand(5, 6))
     assert (cos["float64"] > 0.999).all()
+
+
+def test_diagnose_judges_lvat_on_any_runs_classifier(toy_data, transformers, tmp_path, capsys):
+    run = tmp_path / "sup"
+    train(load_config(Config, None, tiny_run_flags(toy_data, run, **{"method.name": "sup"})))
+    out = tmp_path / "as-lvat"
+    args = ["diagnose", str(run), "--images", "8", "--reference-iterations", "2",
+            "--transformer", str(transformers["vae"]), "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    info = json.loads((out / "directions.json").read_text())
+    assert info["method"] == "lvat-vae" and "first_order" in info["cosines"]

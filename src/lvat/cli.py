@@ -180,6 +180,8 @@ class DiagnoseOptions:
     """folder for the report (default RUN_DIR/diagnostics)"""
     device: str | None = None
     """device (default: the run's)"""
+    transformer: str | None = flag(None, metavar="CKPT")
+    """judge LVAT's latent direction with this VAE/Glow on the run's classifier (any run)"""
 
 
 def _cmd_diagnose(args: argparse.Namespace) -> int:

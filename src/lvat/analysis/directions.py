@@ -243,12 +243,15 @@ def diagnose_run(
     power_method: str | None = None,
     amp: str = "off",
     out: str | Path | None = None,
+    transformer: str | None = None,
 ) -> dict:
     """`lvat diagnose RUN_DIR`: the direction cosines of a VAT/LVAT run on its test images,
     written to RUN_DIR/diagnostics/ (or `out`); returns directions.json's content.
 
     `xi`, `power_method` and `amp` ("off" or "bf16") replace the run's own settings for the
     direction being judged: what another choice would have given on the same trained network.
+    `transformer` (a checkpoint, .safetensors file or shipped name) judges LVAT's latent
+    direction with it on the run's classifier, whatever method trained it.
     """
     from lvat.data import to_float
     from lvat.errors import LvatError
@@ -259,7 +262,9 @@ def diagnose_run(
 
     run = load_run(run_dir, device)
     method = run.config.method
-    changes = {"xi": xi, "power_method": power_method}
+    changes = {"xi": xi, "power_method": power_method, "transformer": transformer}
+    if transformer is not None:
+        changes["name"] = "lvat"
     method = dataclasses.replace(method, **{k: v for k, v in changes.items() if v is not None})
     if amp not in ("off", "bf16"):
         raise LvatError(f"--amp must be off or bf16, got {amp!r}")
