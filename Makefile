@@ -84,3 +84,15 @@ clean:
 .PHONY: bench
 bench: $(STAMP)
 	$(BIN)/lvat bench $(BENCH_FLAGS)
+
+# The GPU study (README "Speed"): on one GPU in 8 minutes (--budget-s), `lvat bench` of the study's
+# setting (writes bench/cuda.json), then sup / VAT / LVAT-Glow on Fashion-MNIST (configs/gpu-study,
+# a short Glow fit first unless fashion-mnist/glow ships) with as many updates as the bench says
+# fit, `lvat report`, and runs/gpu-study/summary.{json,md}. Off a GPU it refuses after the bench:
+# the budget leaves too few updates. Where torch is installed but no venv can be made (an offline
+# GPU machine; lvat's own dependencies importable):
+#   make gpu-study LVAT="PYTHONPATH=src python3 -m lvat" GPU_STUDY_FLAGS="--data-root DIR --archive F"
+LVAT ?= $(BIN)/lvat
+.PHONY: gpu-study
+gpu-study: $(if $(filter $(BIN)/lvat,$(LVAT)),fashion-mnist)
+	$(LVAT) gpu-study $(GPU_STUDY_FLAGS)

@@ -223,6 +223,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_gpu_study(args: argparse.Namespace) -> int:
+    from lvat.experiments.gpu_study import GpuStudyOptions, run_study
+
+    run_study(from_flags(GpuStudyOptions, args))
+    return 0
+
+
 def _official() -> tuple[str, ...]:
     from lvat.data import DATASETS
 
@@ -386,6 +393,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="run only jobs I, I+N, I+2N, ... (0 <= I < N), to spread over machines",
     )
     sw.set_defaults(func=_cmd_sweep)
+    from lvat.experiments.gpu_study import GpuStudyOptions
+
+    gs = sub.add_parser(
+        "gpu-study",
+        help="sup / VAT / LVAT-Glow on one GPU in a time budget, sized by a first lvat bench",
+        description="The paper's recipe (configs/gpu-study: Fashion-MNIST padded to 32x32, "
+        "conv-large, batches 32 + 128) for sup, VAT and LVAT-Glow within a wall-time budget: "
+        "lvat bench of that setting first (bench/cuda.json on CUDA), a short Glow fit unless "
+        "weights ship, the same number of updates for every method sized from the bench, "
+        "lvat report, and OUT/summary.{json,md} with the hardware beside every number. The "
+        "plan is printed before anything trains.",
+    )
+    add_flags(gs, GpuStudyOptions)
+    gs.set_defaults(func=_cmd_gpu_study)
     dm = sub.add_parser("demo", help="Fashion-MNIST on CPU: VAE, then sup/vat/lvat-vae compared")
     dm.add_argument("--out", default="runs/demo", help="folder for the demo's runs")
     dm.set_defaults(func=_cmd_demo)

@@ -5,10 +5,12 @@ and per method, one row for our step (`lvat.train.step.train_step` on device-res
 the fast path resolved for the device) and one for the naive baseline (`lvat.bench.naive`),
 plus a `sup-160` reference: a plain supervised step over all 32 + 128 images. Images are random
 uint8 and the VAE/Glow are random-init (Glow's ActNorm initialised on one batch): a step costs
-the same with trained weights. Each row reports ms/step, images/s, FLOPs per step (counted by
-FlopCounterMode), achieved TFLOP/s against the matmul peak measured in the same run, and the
-"floor": FLOPs / the fastest measured rate of the classifier's conv blocks, i.e. how close the
-step runs to what this machine's conv kernels allow. On CUDA each row also counts the host
+the same with trained weights. `image_shape` and `transformers` time another setting instead
+(e.g. conv-large on 1x32x32 with the Glow of an `lvat fit` config, as `lvat gpu-study` does).
+Each row reports ms/step, images/s, FLOPs per step (counted by FlopCounterMode), achieved
+TFLOP/s against the matmul peak measured in the same run, and the "floor": FLOPs / the fastest
+measured rate of the classifier's conv blocks, i.e. how close the step runs to what this
+machine's conv kernels allow. On CUDA each row also counts the host
 synchronisations of one step (sync debug mode): ours should have none.
 """
 
@@ -35,6 +37,7 @@ from lvat.bench.timing import (
     time_steps,
 )
 from lvat.config import MethodConfig, TrainConfig
+from lvat.config.flags import flag
 from lvat.data import Batch, ImageDataset, TrainBatches, make_split
 from lvat.environment import environment
 from lvat.errors import ConfigError
@@ -104,6 +107,13 @@ class BenchOptions:
     """random image pool size the batches are drawn from"""
     seed: int = 0
     """seed of the random images, split, weights and batches"""
+    image_shape: str = flag("", metavar="C,H,W")
+    """image shape for every model, e.g. 1,32,32 (default: conv-large 3x32x32, conv-small
+    1x32x32)"""
+    transformers: Sequence[str] = flag((), metavar="KIND=SOURCE")
+    """the model of a transformer kind's rows, comma-separated: an `lvat fit` config (.toml or
+    .yaml; random init, e.g. glow=configs/fit/fashion-mnist-glow.toml) or trained weights (a
+    checkpoint, .safetensors file or shipped name) (default: each kind's paper-size model)"""
 
 
 def _defaults(opts: BenchOptions, device: torch.device) -> tuple[int, int, int, bool]:
@@ -143,12 +153,49 @@ def _eps(method: Method, kind: TransformerKind | None) -> float:
     return 1.0 if eps is None else eps
 
 
+def image_shape(model: str, text: str = "") -> tuple[int, int, int]:
+    """The image shape of a model's rows: "C,H,W" when given, else the model's (`MODELS`)."""
+    if not text:
+        return MODELS[model]
+    try:
+        c, h, w = (int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise ConfigError(f"--image-shape {text!r}: expected C,H,W, e.g. 1,32,32") from None
+    if min(c, h, w) < 1:
+        raise ConfigError(f"--image-shape {text!r}: every size must be >= 1")
+    return c, h, w
+
+
+def transformer_sources(pairs: Sequence[str]) -> dict[str, str]:
+    """ "KIND=SOURCE" pairs -> {kind: source}, each kind registered and named once."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        kind, sep, source = pair.partition("=")
+        if not sep or not source or kind not in KINDS or kind in out:
+            raise ConfigError(
+                f"--transformers {pair!r}: expected KIND=SOURCE once per kind, KIND one of "
+                f"{', '.join(KINDS)}"
+            )
+        out[kind] = source
+    return out
+
+
 def _transformer(
-    kind: TransformerKind, shape: tuple[int, int, int], x: torch.Tensor, device
+    kind: TransformerKind, shape: tuple[int, int, int], x: torch.Tensor, device, source: str = ""
 ) -> nn.Module:
-    """A default-size paper transformer (the kind's default fit config), random init plus its
-    data-dependent init (Glow's ActNorm) on the first 128 images, frozen."""
-    cfg = kind.config()
+    """The kind's model, frozen: from trained weights when `source` names them; else built from
+    the `lvat fit` config `source` (default: the kind's paper-size default config), random init
+    plus its data-dependent init (Glow's ActNorm) on the first 128 images."""
+    if source and not source.endswith((".toml", ".yaml", ".yml")):
+        from lvat.models.transformers import load_transformer
+
+        return load_transformer(source, device)
+    if source:
+        from lvat.fit import fit_config
+
+        cfg = fit_config(kind.name, source)
+    else:
+        cfg = kind.config()
     model = kind.build(cfg, shape)
     kind.initialize(model, x[:128], cfg, torch.device("cpu"))
     return model.to(device).eval().requires_grad_(False)
@@ -193,7 +240,8 @@ class _Setting:
 
     def __init__(self, model: str, opts: BenchOptions, device: torch.device, fp: fast.FastPath):
         self.model, self.opts, self.device, self.fast = model, opts, device, fp
-        self.shape = MODELS[model]
+        self.shape = image_shape(model, opts.image_shape)
+        self.sources = transformer_sources(opts.transformers)
         self.data = _dataset(self.shape, opts.num_images, opts.seed)
         n_lab = max(10, math.ceil(opts.batch_labeled * 3 / 10) * 10)  # >= batch, class-balanced
         self.split = make_split(
@@ -203,7 +251,8 @@ class _Setting:
     def transformer(self, kind: TransformerKind) -> nn.Module:
         """A fresh one per row (same seed, same weights): `fast.apply` may compile its decode."""
         torch.manual_seed(self.opts.seed)
-        return _transformer(kind, self.shape, self.data.x_train, self.device)
+        source = self.sources.get(kind.name, "")
+        return _transformer(kind, self.shape, self.data.x_train, self.device, source)
 
     def classifier(self) -> nn.Module:
         torch.manual_seed(self.opts.seed)
@@ -299,6 +348,9 @@ def _line(d: dict) -> str:
 def run_bench(opts: BenchOptions, log: Callable[[str], None] = print) -> dict:
     """Run the benchmark, print a table through `log`, return the JSON-ready report."""
     device = resolve_device(opts.device)
+    for name in opts.models:  # a bad shape or transformer source: refused before any timing
+        image_shape(name, opts.image_shape)
+    transformer_sources(opts.transformers)
     warmup, repeats, steps, compile_on = _defaults(opts, device)
     tc = TrainConfig(amp=opts.amp, channels_last=opts.channels_last, compile=compile_on)
     fp = fast.resolve(tc, device)
@@ -326,6 +378,8 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = print) -> dict:
             "steps_per_repeat": steps,
             "cache_latents": opts.cache_latents,
             "exact": opts.exact,
+            "image_shape": opts.image_shape or "per model",
+            "transformers": transformer_sources(opts.transformers) or "paper-size, random init",
             **fp.describe(),
         },
         "matmul_peak": peak.to_dict(),
@@ -345,7 +399,8 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = print) -> dict:
     for name in opts.models:
         setting = _Setting(name, opts, device, fp)
         w1, w2, w3, _, _ = build_classifier(name, in_channels=1, num_classes=10).widths
-        shapes = [(w1, w1, 32, 1), (w2, w2, 16, 1), (w2, w3, 8, 0)]  # the three conv blocks
+        size = setting.shape[1]  # the three conv blocks (32: at 32, 16 and 8 pixels)
+        shapes = [(w1, w1, size, 1), (w2, w2, size // 2, 1), (w2, w3, max(3, size // 4), 0)]
         dtype = fp.amp_dtype or torch.float32
         conv = conv_rate(device, shapes, opts.batch_unlabeled, dtype, fp.channels_last)
         log("")
