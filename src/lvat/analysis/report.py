@@ -519,8 +519,8 @@ def write_report(
     runs = [read_run(p, metric) for p in find_runs(paths)]
     report = summarize(runs)
     markdown = to_markdown(report, metric)
-    for a, b in pairs:
-        markdown += paired_markdown(paired(report, a, b), metric)
+    if pairs:
+        markdown += paired_markdown([p for a, b in pairs for p in paired(report, a, b)], metric)
     prefix = Path(prefix)
     atomic_write_text(prefix.with_name(prefix.name + ".md"), markdown)
     atomic_write_text(prefix.with_name(prefix.name + ".csv"), to_csv(report, metric))
