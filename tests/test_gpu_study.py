@@ -12,7 +12,7 @@ import pytest
 from lvat.cli import main
 from lvat.config import Config, load_config
 from lvat.errors import ConfigError
-from lvat.experiments.gpu_study import ROWS, plan_study
+from lvat.experiments.gpu_plan import ROWS, plan_study
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

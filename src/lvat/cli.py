@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 from lvat.config.flags import add_flags, flag, from_flags
-from lvat.errors import LvatError
+from lvat.errors import LvatError, one_line
 
 
 def _cmd_data_check(args: argparse.Namespace) -> int:
@@ -420,11 +420,6 @@ def build_parser() -> argparse.ArgumentParser:
     cfg.add_argument("--config", default=None, help="TOML or YAML config file")
     cfg.set_defaults(func=_cmd_config, takes_overrides=True)
     return parser
-
-
-def one_line(exc: BaseException) -> str:
-    """An error's message on one line (messages that quote a file or torch may hold newlines)."""
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def main(argv: Sequence[str] | None = None) -> int:

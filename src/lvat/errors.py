@@ -1,6 +1,13 @@
 """User-facing errors: the CLI prints any `LvatError` as one line and exits with status 2."""
 
 
+def one_line(exc: BaseException | str, limit: int | None = None) -> str:
+    """An error's message on one line (messages quoting a file, a parser or torch may hold
+    newlines), cut to `limit` characters if given; the exception's type name if it is empty."""
+    text = " ".join(str(exc).split())[:limit]
+    return text or (type(exc).__name__ if isinstance(exc, BaseException) else "")
+
+
 class LvatError(Exception):
     """An error caused by input (config, data, files), with a message that says what to do."""
 

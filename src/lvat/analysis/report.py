@@ -25,8 +25,6 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -145,7 +143,7 @@ def transformer_kind(path: str, run_dir: Path) -> str:
     """A transformer checkpoint's `kind` ('vae', 'glow', ...); '' if it cannot be read.
 
     `path` may also be a `.safetensors` file or a shipped name such as "fashion-mnist/glow"."""
-    from lvat.models.transformers import SAFETENSORS, resolve_transformer
+    from lvat.models.transformers import read_kind, resolve_transformer
 
     try:
         shipped = [resolve_transformer(path)]
@@ -153,29 +151,10 @@ def transformer_kind(path: str, run_dir: Path) -> str:
         shipped = []
     for candidate in (Path(path), run_dir / path, *shipped):
         key = str(candidate.resolve())
+        if key not in _KINDS and candidate.is_file():
+            _KINDS[key] = read_kind(candidate)
         if key in _KINDS:
             return _KINDS[key]
-        if candidate.is_file() and candidate.suffix == SAFETENSORS:
-            from safetensors import safe_open
-
-            try:
-                with safe_open(str(candidate), framework="pt") as f:
-                    kind = (f.metadata() or {}).get("kind", "")
-            except Exception:  # unreadable: the row falls back to plain "LVAT"
-                kind = ""
-            _KINDS[key] = kind
-            return kind
-        if candidate.is_file():
-            kind = ""
-            for mmap in (True, False):  # mmap reads only the small `kind`; old formats need False
-                try:
-                    ckpt = torch.load(candidate, map_location="cpu", weights_only=True, mmap=mmap)
-                except Exception:  # unreadable: the row falls back to plain "LVAT"
-                    continue
-                kind = str(ckpt.get("kind", "")) if isinstance(ckpt, dict) else ""
-                break
-            _KINDS[key] = kind
-            return kind
     return ""
 
 

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
-from lvat.errors import ConfigError
+from lvat.errors import ConfigError, one_line
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -357,8 +357,7 @@ def read_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         else:
             data = tomllib.loads(text)
     except Exception as exc:  # parser errors: keep their line/column, on one line
-        msg = " ".join(str(exc).split())[:300]
-        raise ConfigError(f"{path}: cannot parse as {fmt}: {msg}") from None
+        raise ConfigError(f"{path}: cannot parse as {fmt}: {one_line(exc, 300)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a table of keys")
     base = data.pop("extends", None)

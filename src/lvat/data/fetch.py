@@ -14,7 +14,7 @@ import zlib
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
-from lvat.errors import ChecksumError, DatasetError
+from lvat.errors import ChecksumError, DatasetError, one_line
 
 _CHUNK = 1 << 20  # 1 MiB reads keep memory flat on the 180 MB SVHN file
 
@@ -86,11 +86,6 @@ def _inside(root: Path, target: Path) -> bool:
     except ValueError:
         return False
     return True
-
-
-def one_line(exc: BaseException) -> str:
-    """An exception's message on one line (the CLI prints errors as one line)."""
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _member_problem(m: tarfile.TarInfo, dest: Path, kinds: dict[str, bool]) -> str:

@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from lvat.data.fetch import one_line
-from lvat.errors import DatasetError
+from lvat.errors import DatasetError, one_line
 
 if TYPE_CHECKING:
     from PIL import Image

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lvat.errors import LvatError
+from lvat.errors import LvatError, one_line
 from lvat.io import atomic_write, atomic_write_text
 from lvat.models.registry import KINDS, kind_for_model
 
@@ -109,6 +109,29 @@ def export_transformer(model: nn.Module, path: str | Path, card: dict | None = N
     return path
 
 
+def read_kind(path: str | Path) -> str:
+    """The `kind` a transformer file declares ('vae', 'glow', ...), without reading its
+    tensors; '' if the file cannot be read (a report then falls back to plain "LVAT")."""
+    path = Path(path)
+    if path.suffix == SAFETENSORS:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return str((f.metadata() or {}).get("kind", ""))
+        except Exception:
+            return ""
+    for mmap in (True, False):  # mmap reads only the small `kind`; old formats need False
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except Exception:
+            continue
+        return str(ckpt.get("kind", "")) if isinstance(ckpt, dict) else ""
+    return ""
+
+
 def _read_safetensors(path: Path) -> dict[str, Any]:
     from safetensors import safe_open
 
@@ -119,8 +142,9 @@ def _read_safetensors(path: Path) -> dict[str, Any]:
         return {"kind": meta.get("kind"), "hparams": json.loads(meta.get("hparams", "null")),
                 "state_dict": state}  # fmt: skip
     except Exception as exc:  # a truncated or foreign file
-        msg = " ".join(str(exc).split())[:200]
-        raise LvatError(f"{path}: not a readable lvat .safetensors file ({msg})") from None
+        raise LvatError(
+            f"{path}: not a readable lvat .safetensors file ({one_line(exc, 200)})"
+        ) from None
 
 
 def load_transformer(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
@@ -149,8 +173,9 @@ def _build(ckpt: Any, path: Path, device: torch.device | str) -> nn.Module:
         model = KINDS[ckpt["kind"]].model(**ckpt["hparams"])
         model.load_state_dict(ckpt["state_dict"])
     except (TypeError, RuntimeError, KeyError) as exc:
-        msg = " ".join(str(exc).split())[:300]
-        raise LvatError(f"{path}: checkpoint does not match its model ({msg})") from None
+        raise LvatError(
+            f"{path}: checkpoint does not match its model ({one_line(exc, 300)})"
+        ) from None
     model.to(device).eval()
     model.requires_grad_(False)
     return model

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lvat.errors import LvatError
+from lvat.errors import LvatError, one_line
 from lvat.io import atomic_write
 
 CHECKPOINT = "checkpoint.pt"
@@ -215,7 +215,7 @@ def load_optimizer_state(
         optimizer.load_state_dict(state)  # type: ignore[arg-type]
     except (ValueError, KeyError, TypeError) as exc:
         raise LvatError(
-            f"{path} does not match the optimizer of its model: {' '.join(str(exc).split())}"
+            f"{path} does not match the optimizer of its model: {one_line(exc)}"
         ) from None
 
 

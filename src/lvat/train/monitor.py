@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lvat.errors import ConfigError, LvatError
+from lvat.errors import ConfigError, LvatError, one_line
 from lvat.io import atomic_write_text
 
 
@@ -47,7 +47,7 @@ def window_means(sums: Any, window: int, done: int, checkpoint: Path, hint: str)
 
 
 def _short(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:120]
+    return one_line(exc, 120)
 
 
 def _os_error(exc: OSError) -> str:

@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lvat.errors import LvatError
+from lvat.errors import LvatError, one_line
 from lvat.io import atomic_write_text, stale_temps
 from lvat.train import checkpoint as ckpt
 from lvat.train.monitor import MetricsLog, NonFiniteLoss, stop_advice
@@ -63,7 +63,7 @@ ABANDONED = "abandoned"
 
 
 def _os_error(exc: OSError) -> str:
-    return exc.strerror or " ".join(str(exc).split())
+    return exc.strerror or one_line(exc)
 
 
 class RunFolder:
@@ -290,7 +290,7 @@ class RunFolder:
         try:
             apply(state)
         except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
-            first = " ".join(str(exc).split())[:200]
+            first = one_line(exc, 200)
             raise LvatError(
                 f"{self.checkpoint} does not fit this config ({first}); resume without changing "
                 "the model or optimizer settings"
