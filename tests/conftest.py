@@ -24,6 +24,14 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("LVAT_DATA", str(tmp_path_factory.mktemp("lvat-cache")))
 
 
+@pytest.fixture(autouse=True)
+def _float32_auto(monkeypatch):
+    """`train.amp = "auto"` means float32 in every test, whatever this CPU's bf16 units: the
+    suite's numbers must not depend on the machine (tests of bf16 pin amp = "bf16"; the auto
+    rule has its own test, which patches this back)."""
+    monkeypatch.setattr("lvat.environment.native_bf16", lambda: False)
+
+
 def write_tiny_cifar(folder: Path, per_batch: int = 20, seed: int = 0) -> dict:
     """cifar-10-python.tar.gz with cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}.
 

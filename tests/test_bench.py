@@ -135,3 +135,34 @@ def test_flop_counting_sees_autograd_grad_and_timing_returns_each_repeat():
     assert both == 2 * fwd  # forward + the gradient w.r.t. a only
     times = time_steps(lambda: a @ b, torch.device("cpu"), warmup=1, repeats=3, steps=2)
     assert len(times) == 3 and all(t > 0 for t in times)
+
+
+def test_a_bf16_bench_times_float32_beside_it_and_reports_the_cpu_speedup_targets(tmp_path):
+    # bf16 is emulated where the CPU has no bf16 units: slower, but the rows and targets exist.
+    out = tmp_path / "bench.json"
+    args = ["bench", "--models", "conv-small", "--methods", "vat", "--amp", "bf16",
+            "--batch-labeled", "4", "--batch-unlabeled", "8", "--warmup", "0", "--repeats", "1",
+            "--steps-per-repeat", "1", "--num-images", "40", "--peak-size", "64", "--no-naive",
+            "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    report = json.loads(out.read_text())
+    assert (report["options"]["amp"], report["options"]["channels_last"]) == ("bfloat16", True)
+    model = report["models"]["conv-small"]
+    assert [r["method"] for r in model["rows"]] == [
+        "sup-12", "sup-12+f32", "vat", "vat+f32", "vat+exact"
+    ]  # fmt: skip
+    rows = {r["method"]: r for r in model["rows"]}
+    assert rows["vat+f32"]["flops_per_step"] == rows["vat"]["flops_per_step"]  # same maths
+    targets = {t["target"]: t for t in model["targets"]}
+    fd, exact = (
+        targets["vat >= 1.3x faster than vat+f32"],
+        targets["vat+exact >= 1.8x faster than vat+f32"],
+    )
+    assert fd["value"] == pytest.approx(rows["vat+f32"]["ms_per_step"] / rows["vat"]["ms_per_step"])
+    assert exact["value"] == pytest.approx(
+        rows["vat+f32"]["ms_per_step"] / rows["vat+exact"]["ms_per_step"]
+    )
+    # --no-float32 drops the float32 rows
+    assert main([*args[:-2], "--no-float32", "--no-exact", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["models"]["conv-small"]["rows"]
+    assert [r["method"] for r in rows] == ["sup-12", "vat"]

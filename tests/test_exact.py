@@ -158,3 +158,42 @@ def test_power_method_is_validated():
     with pytest.raises(ValueError, match="power_method"):
         VAT(1.0, power_method="newton")
     assert "power_method='exact'" in repr(LVAT(TupleTransformer(), 1.0, power_method="exact"))
+
+
+@pytest.mark.parametrize("shape", [(16, 5), (8, 3, 4), (6, 4, 5, 5)])
+def test_forward_mode_batch_norm_has_pytorchs_tangent_and_gradient_in_float64(shape):
+    import torch.autograd.forward_ad as fwAD
+
+    from lvat.regularizers.exact import forward_mode
+
+    bn = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d}[len(shape)](shape[1]).double()
+    nn.init.normal_(bn.weight), nn.init.normal_(bn.bias)
+    bn.track_running_stats = False  # as inside the regularizer's passes (frozen statistics)
+    x, t, g = (torch.randn(shape, dtype=torch.float64) for _ in range(3))
+
+    def run() -> tuple[Tensor, Tensor, Tensor]:
+        xr = x.clone().requires_grad_()
+        with fwAD.dual_level():
+            y, jt = fwAD.unpack_dual(bn(fwAD.make_dual(xr, t)))
+        (gx,) = torch.autograd.grad(y, xr, g)
+        return y, jt, gx
+
+    reference = run()  # PyTorch's own forward-AD formula and backward
+    with forward_mode(bn):
+        ours = run()
+    for a, b in zip(ours, reference, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert "forward" not in bn.__dict__  # the layer's own forward is back
+
+
+def test_forward_mode_leaves_running_statistics_layers_to_pytorch():
+    from lvat.regularizers.exact import forward_mode
+
+    bn = nn.BatchNorm2d(3)
+    x = torch.randn(4, 3, 2, 2)
+    with forward_mode(bn):  # train mode with tracked statistics: they must still update
+        bn(x)
+    assert bn.num_batches_tracked == 1 and not torch.equal(bn.running_mean, torch.zeros(3))
+    expected = bn.eval()(x)  # eval mode: the running statistics normalise
+    with forward_mode(bn):
+        assert torch.equal(bn(x), expected)

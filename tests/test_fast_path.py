@@ -7,12 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _reg_helpers import XI, buffers, sample_norms
 from conftest import read_jsonl
 
 from lvat.config import Config, TrainConfig, load_config, to_flags
 from lvat.data import Batch
 from lvat.errors import ConfigError
-from lvat.models import VAE, build_classifier, save_transformer
+from lvat.models import VAE, build_classifier, load_transformer, save_transformer
 from lvat.regularizers import LVAT, VAT
 from lvat.regularizers.common import full_precision, no_tf32_convs
 from lvat.train import fast, train
@@ -58,13 +59,28 @@ def _flags(data: Path, out: Path, **kw) -> list[str]:
     return to_flags(base)
 
 
-def test_auto_means_bf16_and_channels_last_on_cuda_only():
+@pytest.mark.parametrize("native_bf16", [False, True])
+def test_auto_means_bf16_and_channels_last_where_bf16_is_fast(native_bf16, monkeypatch):
+    monkeypatch.setattr("lvat.environment.native_bf16", lambda: native_bf16)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert fast.resolve(TrainConfig(), cpu) == fast.FastPath(None, False, False)
+    on_cpu = (
+        fast.FastPath(torch.bfloat16, True, False)
+        if native_bf16
+        else fast.FastPath(None, False, False)
+    )
+    assert fast.resolve(TrainConfig(), cpu) == on_cpu
     assert fast.resolve(TrainConfig(), cuda) == fast.FastPath(torch.bfloat16, True, False)
     forced = TrainConfig(amp="bf16", channels_last="on", compile=True)
     assert fast.resolve(forced, cpu) == fast.FastPath(torch.bfloat16, True, True)
     assert fast.resolve(TrainConfig(amp="off", channels_last="off"), cuda).amp_dtype is None
+    # float32 on a CPU: channels-last only when asked for (it gains nothing there)
+    assert fast.resolve(TrainConfig(amp="off"), cpu) == fast.FastPath(None, False, False)
+    assert fast.resolve(TrainConfig(amp="bf16"), cpu) == fast.FastPath(torch.bfloat16, True, False)
+
+
+def test_the_test_suite_resolves_auto_to_float32_on_every_cpu():
+    # conftest pins it: the suite's numbers must not depend on the machine's bf16 units
+    assert fast.resolve(TrainConfig(), torch.device("cpu")).amp_dtype is None
 
 
 def test_under_bf16_autocast_the_vat_perturbation_is_the_float32_one_bit_for_bit():
@@ -78,6 +94,32 @@ def test_under_bf16_autocast_the_vat_perturbation_is_the_float32_one_bit_for_bit
         r16 = VAT(eps=2.5).perturbation(model, x)
     assert r16.dtype == torch.float32
     assert torch.equal(r16, r32)
+
+
+@pytest.mark.parametrize("power_method", ["finite-difference", "exact"])
+@pytest.mark.parametrize("method", ["vat", "lvat-vae"])
+def test_on_the_cpu_fast_path_r_has_norm_eps_and_bn_buffers_stay_untouched(
+    method, power_method, vae_path
+):
+    # The path `amp = "auto"` takes on a CPU with bf16 units: bf16 autocast, channels-last.
+    model, x = _classifier(), _images(12)
+    fast.apply(model, None, fast.FastPath(torch.bfloat16, True, False))
+    if method == "vat":
+        reg = VAT(eps=2.5, xi=XI, power_method=power_method)
+    else:  # the VAE latent is one group
+        reg = LVAT(load_transformer(vae_path), eps=1.5, xi=XI, power_method=power_method)
+    before = buffers(model)
+    torch.manual_seed(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, stats = reg.loss_and_stats(model, x)
+        torch.manual_seed(1)
+        r = reg.perturbation(model, x)
+    assert torch.isfinite(loss) and stats["zero_direction"] == 0
+    assert all(torch.equal(v, buffers(model)[k]) for k, v in before.items())
+    assert r.dtype == torch.float32
+    torch.testing.assert_close(
+        sample_norms(r), torch.full((len(x),), reg.eps).double(), rtol=1e-3, atol=0
+    )
 
 
 def test_the_amp_step_runs_classifier_passes_in_bf16_and_probe_passes_in_float32():

@@ -241,7 +241,7 @@ def test_the_paired_interval_is_the_t_interval_computed_by_hand():
     assert paired_interval([1.5]) is None
 
 
-def _run_files(folder: Path, seed: int, error: float, **method) -> None:
+def _run_files(folder: Path, seed: int, error: float, amp: str = "off", **method) -> None:
     import tomli_w
 
     folder.mkdir(parents=True)
@@ -249,7 +249,8 @@ def _run_files(folder: Path, seed: int, error: float, **method) -> None:
               "method": {"name": "vat", "eps": 2.0, **method}}  # fmt: skip
     (folder / "config.toml").write_text(tomli_w.dumps(config))
     (folder / "split.json").write_text(json.dumps({"num_train": 100, "num_labeled": 20}))
-    (folder / "results.json").write_text(json.dumps({"method": "vat", "test_error": error}))
+    results = {"method": "vat", "test_error": error, "amp": amp}
+    (folder / "results.json").write_text(json.dumps(results))
 
 
 def test_rows_split_by_power_method_and_paired_differences_per_seed(tmp_path):
@@ -287,3 +288,15 @@ def test_lvat_report_paired_prints_the_interval_and_refuses_unknown_rows(tmp_pat
     capsys.readouterr()
     assert main(["report", str(tmp_path), "--out", str(out), "--paired", "VAT"]) == 2
     assert "give two row names" in capsys.readouterr().err
+
+
+def test_rows_split_by_precision_only_where_a_row_ran_in_more_than_one(tmp_path):
+    from lvat.analysis.report import find_runs, read_run, summarize
+
+    for s in range(2):
+        _run_files(tmp_path / "f32" / f"s{s}", s, 30.0, power_method="exact")
+        _run_files(tmp_path / "bf16" / f"s{s}", s, 31.0, amp="bfloat16", power_method="exact")
+    report = summarize([read_run(p) for p in find_runs([tmp_path])])
+    assert set(report.rows()) == {"VAT bf16", "VAT float32"}
+    report = summarize([read_run(p) for p in find_runs([tmp_path / "f32"])])
+    assert set(report.rows()) == {"VAT"}

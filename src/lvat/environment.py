@@ -44,6 +44,12 @@ def _library_versions() -> dict[str, str]:
     return found
 
 
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX): there, bf16 autocast
+    halves conv time; elsewhere it is emulated and slower than float32."""
+    return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
 # Environment variables that change which float kernels run (and so the last bits of results).
 CODE_PATH_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR", "OMP_NUM_THREADS")
 
@@ -51,11 +57,10 @@ CODE_PATH_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR", 
 def cpu_code_path() -> dict:
     """Which CPU code path float results come from: ATen's kernel level, native bf16, the
     libraries' versions and any variable that overrides their choice."""
-    flags = _cpu_flags()
     return {
         "cpu": _cpu_model(),
         "aten_capability": torch.backends.cpu.get_cpu_capability(),
-        "native_bf16": bool(flags & {"avx512_bf16", "amx_bf16"}),
+        "native_bf16": native_bf16(),
         **_library_versions(),
         **{k: os.environ[k] for k in CODE_PATH_VARIABLES if k in os.environ},
     }

@@ -73,6 +73,7 @@ class RunInfo:
     progress: str = ""  # "step 300/48000" for unfinished runs
     method: str = ""  # method.name ("lvat"); cell.method is the row key ("lvat-vae")
     kind: str = ""  # the transformer's kind ("vae"), "" without one or if unknown
+    amp: str = ""  # the precision the run resolved ("off", "bfloat16"), from results.json
 
     @property
     def row(self) -> str:
@@ -87,6 +88,10 @@ class RunInfo:
             return "exact"
         xi = method.get("xi")
         return f"xi={xi:g}" if isinstance(xi, int | float) else ""
+
+    @property
+    def precision(self) -> str:
+        return "bf16" if self.amp == "bfloat16" else "float32" if self.amp == "off" else self.amp
 
     @property
     def seeds(self) -> tuple:
@@ -197,6 +202,7 @@ def read_run(path: Path, metric: str = "test") -> RunInfo:
         error=None if error is None else float(error),
         method=method_name,
         kind=kind,
+        amp=str(results.get("amp", "")),
     )
     if info.error is None:
         info.progress = _progress(path, config)
@@ -300,18 +306,21 @@ def column_label(col: tuple[str, bool, str, int]) -> str:
 def summarize(runs: list[RunInfo]) -> Report:
     """Group finished runs into cells and find the paper's cells that have none."""
     finished = [r for r in runs if r.error is not None]
-    # An eps suffix only where one method/setting row was run at more than one eps.
-    # Likewise a power-method suffix ("exact", "xi=0.001") where a row ran more than one.
-    eps_seen: dict[str, set] = defaultdict(set)
-    direction_seen: dict[str, set] = defaultdict(set)
+    # A suffix only where one method row was run in more than one way: at more than one eps,
+    # power method ("exact", "xi=0.001") or precision ("bf16", "float32").
+    variants = (
+        lambda r: f"eps={r.eps:g}" if r.eps is not None else "",
+        lambda r: r.direction,
+        lambda r: r.precision,
+    )
+    seen: dict[tuple[str, int], set] = defaultdict(set)
     for r in finished:
-        eps_seen[r.row].add(r.eps)
-        direction_seen[r.row].add(r.direction)
+        for i, variant in enumerate(variants):
+            seen[r.row, i].add(variant(r))
     groups: dict[tuple, list[RunInfo]] = defaultdict(list)
     for r in finished:
-        row = r.row + (f" eps={r.eps:g}" if len(eps_seen[r.row]) > 1 else "")
-        row += f" {r.direction}" if len(direction_seen[r.row]) > 1 else ""
-        groups[(row, r.column)].append(r)
+        suffix = [v(r) for i, v in enumerate(variants) if len(seen[r.row, i]) > 1]
+        groups[(" ".join([r.row, *suffix]), r.column)].append(r)
 
     def order(key: tuple) -> tuple:
         r = groups[key][0]

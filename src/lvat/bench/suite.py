@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -56,6 +56,11 @@ METHODS = ("sup", "vat", "lvat-vae", "lvat-glow")
 # Performance targets: step time at most this many times sup-160's, and speedup over the naive port.
 RATIO_TARGETS = {"vat": 3.0, "lvat-glow": 4.5}
 NAIVE_TARGET = {"cuda": 2.0}  # elsewhere: not slower (1.0)
+# On a CPU with bf16 units: speed-up of the fast path over float32 with the authors' finite
+# difference (row "vat" vs "vat+f32"), and of the exact mode on the fast path over that same
+# float32 finite-difference step ("vat+exact" vs "vat+f32").
+CPU_FAST_TARGETS = {"vat": (1.3, 1.8), "lvat-glow": (1.3, 1.8)}
+_F32 = fast.FastPath(None, False, False)
 NOTE = (
     "VAE and Glow are randomly initialised (Glow: ActNorm initialised on one batch) and images "
     "are random: a training step costs the same with trained weights and real data."
@@ -101,6 +106,9 @@ class BenchOptions:
     --no-exact skips them"""
     naive: bool = True
     """the naive baseline rows next to ours; --no-naive skips them"""
+    float32: bool = True
+    """where the fast path is not plain float32 (bf16, channels-last), our rows again in float32
+    ("+f32"), side by side; --no-float32 skips them"""
     peak_size: int | None = None
     """matmul n of the measured peak (CPU 1024, GPU 8192)"""
     num_images: int = 1024
@@ -266,9 +274,12 @@ class _Setting:
         unlabeled: int,
         cache_latents: bool = False,
         power_method: str = "finite-difference",
+        fp: fast.FastPath | None = None,
     ) -> tuple[Callable, Callable]:
-        """(eager step for counting FLOPs, step to time) of our training step."""
+        """(eager step for counting FLOPs, step to time) of our training step, on the fast path
+        `fp` (default: the setting's)."""
         opts, device = self.opts, self.device
+        fp = fp or self.fast
         model = self.classifier()
         entry, kind = parse_row(method)
         reg: Regularizer | None = None
@@ -290,12 +301,10 @@ class _Setting:
             nonlocal sums
             batch: Batch = batches.next()
             z = cache.lookup(batch.idx_unlabeled) if cache is not None else None
-            sums = sums + train_step(
-                model, reg, optimizer, batch, 1.0, self.fast.amp_dtype, z_unlabeled=z
-            )
+            sums = sums + train_step(model, reg, optimizer, batch, 1.0, fp.amp_dtype, z_unlabeled=z)
 
         def prepared() -> Callable:
-            fast.apply(model, reg, self.fast)  # channels-last, compile: after the eager count
+            fast.apply(model, reg, fp)  # channels-last, compile: after the eager count
             return step
 
         return step, prepared
@@ -386,10 +395,14 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = print) -> dict:
         "models": {},
     }
     total = opts.batch_labeled + opts.batch_unlabeled
-    plan = [(_reference(total), "ours")]
+    # "+f32": the same row on plain float32, where the fast path is anything else
+    f32 = (
+        ["", "+f32"] if opts.float32 and (fp.amp_dtype, fp.channels_last) != (None, False) else [""]
+    )
+    plan = [(_reference(total) + v, "ours") for v in f32]
     for m in opts.methods:
         entry, kind = parse_row(m)
-        plan.append((m, "ours"))
+        plan += [(m + v, "ours") for v in f32]
         if opts.cache_latents and kind is not None:
             plan.append((f"{m}+cache", "ours"))
         if opts.exact and entry.regularized:
@@ -437,8 +450,8 @@ def _run_row(
     setting: _Setting, method: str, impl: str, total: int, warmup: int, repeats: int, steps: int
 ) -> Row:
     opts, device = setting.opts, setting.device
-    reference = method == _reference(total)
-    base = method.removesuffix("+cache").removesuffix("+exact")
+    base, *tags = method.split("+")  # e.g. "lvat-glow+exact": tags cache, exact, f32
+    reference = base == _reference(total)
     regularized = reference or parse_row(base)[0].regularized
     images = total if regularized else opts.batch_labeled
     if impl == "naive":
@@ -446,12 +459,13 @@ def _run_row(
         flops = count_flops(step)
         ms = _time(step, device, warmup, repeats, steps)
         return Row(method, impl, images, flops, ms, host_syncs=host_syncs(step, device))
+    fp = replace(_F32, compile=setting.fast.compile) if "f32" in tags else None
     if reference:
-        count, prepared = setting.ours(_REFERENCE, total, 1)
+        count, prepared = setting.ours(_REFERENCE, total, 1, fp=fp)
     else:
-        power = "exact" if method.endswith("+exact") else "finite-difference"
+        power = "exact" if "exact" in tags else "finite-difference"
         count, prepared = setting.ours(
-            base, opts.batch_labeled, opts.batch_unlabeled, method.endswith("+cache"), power
+            base, opts.batch_labeled, opts.batch_unlabeled, "cache" in tags, power, fp
         )
     flops = count_flops(count)  # eager, before channels-last/compile: FLOPs do not change
     try:
@@ -489,6 +503,21 @@ def _targets(rows: list[Row], device: torch.device) -> list[dict]:
                     "unreachable": ours[method].flops / ref.flops > limit,
                 }
             )
+    for method, (fd_target, exact_target) in CPU_FAST_TARGETS.items():
+        if device.type != "cpu" or f"{method}+f32" not in ours:
+            continue
+        today = ours[f"{method}+f32"]
+        for row, limit in ((method, fd_target), (f"{method}+exact", exact_target)):
+            if row in ours:
+                value = today.ms_median / ours[row].ms_median
+                out.append(
+                    {
+                        "target": f"{row} >= {limit:g}x faster than {today.name}",
+                        "value": value,
+                        "flop_ratio": today.flops / ours[row].flops,
+                        "met": value >= limit,
+                    }
+                )
     need = NAIVE_TARGET.get(device.type, 1.0)
     for method, row in naive.items():
         if method in ours and parse_row(method)[0].regularized:  # sup is shown, not targeted

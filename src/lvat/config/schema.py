@@ -139,10 +139,13 @@ class TrainConfig:
     """Mixed precision. bf16: the labeled pass and the adversarial pass (the ones the parameter
     gradients come from) run under bf16 autocast; the clean target, the power-iteration probes
     and every VAE/Glow pass stay in true float32 (a bf16 or TF32 probe of norm xi rounds away).
-    auto: bf16 on CUDA, off elsewhere (CPUs without bf16 units run it slower)."""
+    auto: bf16 on CUDA and on CPUs with bf16 units (AVX512-BF16 or AMX), off elsewhere (an
+    emulated bf16 is slower than float32). Pin it ("off" or "bf16") where results must not
+    depend on the machine."""
     channels_last: Literal["auto", "on", "off"] = "auto"
     """Store the classifier's conv weights (and so its activations) channels-last (NHWC), the
-    layout tensor cores want. auto: on for CUDA, off elsewhere."""
+    layout tensor cores and oneDNN's bf16 kernels want. auto: on for CUDA and under bf16 amp,
+    off otherwise (float32 CPU convolutions gain nothing from it)."""
     compile: bool = False
     """torch.compile the classifier and the transformer's decode (not the autograd.grad call
     around them). Pays on GPUs for long runs; the first steps then take minutes to compile."""

@@ -1,6 +1,9 @@
 """The fast path of a run on its device: bf16 autocast, channels-last, torch.compile, fused Adam,
 and LVAT's latent cache. Each is a `train.*` config key, resolved here for the device at hand.
 
+`auto` turns bf16 and channels-last on where they pay: on CUDA, and on CPUs with bf16 units
+(AVX512-BF16 or AMX, `lvat.environment.native_bf16`); elsewhere bf16 is emulated and slower.
+
 What is safe where (the regularizers enforce the float32 part themselves):
 
 - bf16 autocast covers the labeled pass and the adversarial pass, whose backward gives the
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lvat import environment
 from lvat.config import Config, TrainConfig
 from lvat.data import to_float
 from lvat.errors import ConfigError
@@ -30,6 +34,7 @@ __all__ = [
     "LatentCache",
     "adam",
     "apply",
+    "bf16_is_fast",
     "check_cache",
     "describe_cache",
     "latent_cache",
@@ -51,11 +56,21 @@ class FastPath:
         return {"amp": amp, "channels_last": self.channels_last, "compile": self.compile}
 
 
+def bf16_is_fast(device: torch.device) -> bool:
+    """bf16 autocast pays on CUDA and on CPUs with bf16 units (AVX512-BF16, AMX); emulated
+    elsewhere, it is slower than float32."""
+    return device.type == "cuda" or (device.type == "cpu" and environment.native_bf16())
+
+
 def resolve(tc: TrainConfig, device: torch.device) -> FastPath:
-    """`auto` means on for CUDA and off elsewhere, for both amp and channels_last."""
+    """`auto`: amp is bf16 where bf16 is fast (`bf16_is_fast`); channels_last is on for CUDA and
+    wherever amp is bf16."""
     cuda = device.type == "cuda"
-    amp_dtype = torch.bfloat16 if tc.amp == "bf16" or (tc.amp == "auto" and cuda) else None
-    channels_last = tc.channels_last == "on" or (tc.channels_last == "auto" and cuda)
+    auto_bf16 = tc.amp == "auto" and bf16_is_fast(device)
+    amp_dtype = torch.bfloat16 if tc.amp == "bf16" or auto_bf16 else None
+    # oneDNN's bf16 convolutions want NHWC too: on a CPU, channels-last pays only under bf16.
+    nhwc = cuda or amp_dtype is not None
+    channels_last = tc.channels_last == "on" or (tc.channels_last == "auto" and nhwc)
     return FastPath(amp_dtype, channels_last, tc.compile)
 
 
