@@ -193,6 +193,19 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from lvat.fit.export import export_run, read_card
+
+    path = export_run(args.run_dir, args.out, name=args.name, command=args.command)
+    card = read_card(path)
+    print(
+        f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB) and {path.with_suffix('.json')}: "
+        f"{card['kind']}, {card['steps_total']} steps, check recon MSE "
+        f"{card['check']['recon_mse']:.5f} on {card['check']['images']} test images"
+    )
+    return 0
+
+
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from lvat.experiments.sweep import parse_shard, sweep
 
@@ -317,6 +330,23 @@ def build_parser() -> argparse.ArgumentParser:
         _add_resume(fk, "fit")
         fk.set_defaults(func=_cmd_fit, takes_overrides=True)
 
+    ex = sub.add_parser(
+        "export",
+        help="a finished `lvat fit` run as .safetensors weights with a JSON model card",
+        description="Write the transformer of a finished `lvat fit` run as OUT.safetensors (no "
+        "pickle: safe to exchange) and its model card OUT.json: architecture, data fingerprint, "
+        "config, every training segment (steps, batch, wall time, hardware, command; a fit that "
+        "continued from other weights with --train.init keeps their history), test metrics and "
+        "a reconstruction check on the first 64 test images. Put it in a folder of "
+        "$LVAT_WEIGHTS as DATASET/KIND.safetensors to load it by name.",
+    )
+    ex.add_argument("run_dir", help="a finished run folder written by `lvat fit`")
+    ex.add_argument("--out", required=True, help="the weights file, ending in .safetensors")
+    ex.add_argument("--name", default="", help="name on the card, e.g. fashion-mnist/vae")
+    ex.add_argument(
+        "--command", default="", help="the exact `lvat fit` command of this run, for the card"
+    )
+    ex.set_defaults(func=_cmd_export)
     ev = sub.add_parser("eval", help="evaluate a run's classifier on test (and validation)")
     ev.add_argument("run_dir", help="a run folder written by `lvat train`")
     ev.add_argument("--device", default=None, help="device (default: the run's)")

@@ -249,6 +249,11 @@ class FitTrainConfig:
     """Factor per decay step; 1 = no decay."""
     eval_every: int = option(1000, ge=1)
     """Evaluate on test images (and redraw the PNG grids) every this-many steps, and at the end."""
+    init: str = ""
+    """Start from these weights instead of a fresh initialisation: a shipped name
+    ("fashion-mnist/vae"), a .safetensors file or an `lvat fit` checkpoint of the same kind and
+    architecture. Continues a fit on another machine; the optimizer starts fresh and the step
+    count and schedule from 0 (to resume exactly on the same machine, use --resume)."""
     eval_images: int = option(0, ge=0)
     """Test images used by the periodic evaluations (the first ones; 0 = all)."""
     final_eval_images: int = option(0, ge=0)

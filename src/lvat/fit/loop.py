@@ -35,6 +35,7 @@ from lvat.data.prepare import resolve_flip
 from lvat.environment import environment
 from lvat.errors import ConfigError, LvatError
 from lvat.fit.evaluate import GRIDS, evaluate_transformer, probe, write_grids
+from lvat.fit.export import weight_history
 from lvat.fit.setup import (
     FitConfig,
     ImageStream,
@@ -45,8 +46,8 @@ from lvat.fit.setup import (
     kind_of,
     lr_at,
 )
-from lvat.models.registry import KINDS
-from lvat.models.transformers import save_transformer
+from lvat.models.registry import KINDS, kind_for_model
+from lvat.models.transformers import load_transformer, save_transformer
 from lvat.train import checkpoint
 from lvat.train.distributed import World
 from lvat.train.run_folder import EVALS, METRICS, RunFolder
@@ -151,7 +152,10 @@ def _fit(cfg: FitConfig, kind: Kind, run: RunFolder, stop_at: int | None) -> dic
         checkpoint.set_rng_state(state["rng"])
 
     state = run.restore(restore)  # resume: load, then cut metrics back to its step
-    if state is None:  # a fresh run: the kind's data-dependent init (Glow's ActNorm)
+    prior = state.get("init") if state else None  # what a resumed run started from
+    if state is None and tc.init:  # continue from weights (Glow's include its ActNorms)
+        prior = start_from(model, tc.init, kind)
+    elif state is None:  # a fresh run: the kind's data-dependent init (Glow's ActNorm)
         kind.initialize(model, dataset.x_train, cfg, device)
     run.write_config(cfg)  # only now: a resume that does not fit the checkpoint changes nothing
     steps = Stepper(tc, kind.terms, run, metrics, world, resumed=state, stop_at=stop_at, hint=HINT)
@@ -168,6 +172,7 @@ def _fit(cfg: FitConfig, kind: Kind, run: RunFolder, stop_at: int | None) -> dic
                 optimizer=optimizer.state_dict(),
                 batches=stream.state_dict(),
                 rng=checkpoint.rng_state(),
+                init=prior,
             )
         )
 
@@ -213,8 +218,10 @@ def _fit(cfg: FitConfig, kind: Kind, run: RunFolder, stop_at: int | None) -> dic
         "dataset": dataset.name,
         "image_shape": list(dataset.image_shape),
         "model": model.hparams,
+        "data_fingerprint": dataset.fingerprint,
         **{k: v for k, v in final.items() if k != "step"},
         "steps": tc.steps,
+        "init": prior,  # None, or the weights this fit continued and their own history
         "batch_size": tc.batch_size,
         "augment": cfg.data.augment,
         "seed": cfg.seed,
@@ -224,6 +231,26 @@ def _fit(cfg: FitConfig, kind: Kind, run: RunFolder, stop_at: int | None) -> dic
     }
     run.write_results(results)
     return results
+
+
+def start_from(model: nn.Module, source: str, kind: Kind) -> dict:
+    """Load the weights named by `train.init` into the freshly built `model`, refusing another
+    kind or architecture; return what the run records about them (source and history)."""
+    what = f"--train.init {source}"
+    try:
+        trained = load_transformer(source)
+    except LvatError as exc:
+        raise LvatError(f"{what}: {exc}") from None
+    found = kind_for_model(trained).name
+    if found != kind.name:
+        raise ConfigError(f"{what} holds a {found}; this is a {kind.name} fit")
+    if dict(trained.hparams) != dict(model.hparams):
+        raise ConfigError(
+            f"{what} is a {found} with {dict(trained.hparams)}; this fit builds "
+            f"{dict(model.hparams)}: set the same model.* keys"
+        )
+    model.load_state_dict(trained.state_dict())
+    return {"source": source, "history": weight_history(source)}
 
 
 @torch.no_grad()
