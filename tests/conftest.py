@@ -145,6 +145,9 @@ def tiny_run_flags(data: Path, out: Path | None = None, **overrides) -> list[str
         "train.steps": 6, "train.batch_labeled": 8, "train.batch_unlabeled": 16,
         "train.decay_steps": 3, "train.log_every": 2, "train.eval_every": 3,
         "train.checkpoint_every": 3, "train.progress": "false", "device": "cpu",
+        # float32 whatever the CPU: a subprocess (torchrun, a killed run) does not see the
+        # autouse fixture that pins amp = "auto" to float32 in this process
+        "train.amp": "off", "train.channels_last": "off",
     }  # fmt: skip
     if out is not None:
         base["out"] = str(out)

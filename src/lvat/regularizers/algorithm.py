@@ -111,8 +111,7 @@ def _precise(
     classify: UnlabeledPasses, moved: Callable[[Sequence[Tensor]], Tensor], r: Sequence[Tensor]
 ) -> Tensor:
     # Decode in true float32, the classifier then runs as the caller's: a bf16 decoder's tangent
-    # and backward lose the direction (a small random-init Glow: median per-sample cosine with
-    # float32 0.74 with a bf16 decoder, 0.93 with the classifier alone in bf16; docs/numerics.md).
+    # and backward lose much more of the direction than a bf16 classifier (docs/numerics.md §4).
     with classify.precise():
         return moved(r)
 
