@@ -300,3 +300,13 @@ def test_rows_split_by_precision_only_where_a_row_ran_in_more_than_one(tmp_path)
     assert set(report.rows()) == {"VAT bf16", "VAT float32"}
     report = summarize([read_run(p) for p in find_runs([tmp_path / "f32"])])
     assert set(report.rows()) == {"VAT"}
+
+
+def test_an_lvat_row_is_named_by_results_json_when_the_transformer_file_is_gone(tmp_path):
+    from lvat.analysis.report import read_run
+
+    _run_files(tmp_path / "r", 0, 30.0, transformer="runs/fit/gone/checkpoint.pt")
+    results = json.loads((tmp_path / "r" / "results.json").read_text())
+    results.update(method="lvat", transformer_kind="vae")
+    (tmp_path / "r" / "results.json").write_text(json.dumps(results))
+    assert read_run(tmp_path / "r").row == "LVAT-VAE"

@@ -61,6 +61,7 @@ def test_a_30_step_cli_run_of_every_method_writes_all_its_files(
     assert np.array(results["test_confusion_matrix"]).sum() == 50
     assert len(results["test_per_class_accuracy"]) == 10
     assert {"hardware", "versions", "wall_time_s"} <= set(results)
+    assert results["transformer_kind"] == (method[5:] if method.startswith("lvat") else None)
     assert load_config(Config, out / "config.toml").method.name == method.split("-")[0]
     assert main(["eval", str(out)]) == 0
     assert f"error {results['test_error']:.2f}%" in capsys.readouterr().out

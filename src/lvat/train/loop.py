@@ -27,6 +27,7 @@ from lvat.data import load_from_config, resolve_split, train_batches
 from lvat.data.prepare import SPLIT_FILE
 from lvat.environment import environment
 from lvat.errors import LvatError
+from lvat.models.registry import kind_for_model
 from lvat.train import checkpoint, distributed, fast, schedule
 from lvat.train.distributed import GradSync, World, rank_seed
 from lvat.train.monitor import NonFiniteLoss
@@ -183,6 +184,9 @@ def _train(cfg: Config, world: World, run: RunFolder, stop_at: int | None) -> di
     if main:
         results = {
             "method": cfg.method.name,
+            # the transformer's kind, so that a report can name the row ("LVAT-VAE") where the
+            # transformer file itself is absent (results committed without runs/fit/)
+            "transformer_kind": _kind_name(getattr(regularizer, "transformer", None)),
             "dataset": dataset.name,
             "num_labeled": len(split.labeled),
             "seed": cfg.seed,
@@ -206,3 +210,12 @@ def vanished_direction(fraction: float, first: int, last: int) -> str:
         f"{fraction:.0%} of unlabeled samples (zero_direction in metrics.jsonl; the classifier's "
         "outputs saturated), so VAT/LVAT adds nothing there; lower train.lr (warned once)"
     )
+
+
+def _kind_name(transformer: object) -> str | None:
+    if transformer is None:
+        return None
+    try:
+        return kind_for_model(transformer).name
+    except TypeError:  # a user's object that is no registered kind
+        return None
