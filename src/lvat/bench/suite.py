@@ -509,28 +509,28 @@ def _targets(rows: list[Row], device: torch.device) -> list[dict]:
         today = ours[f"{method}+f32"]
         for row, limit in ((method, fd_target), (f"{method}+exact", exact_target)):
             if row in ours:
-                value = today.ms_median / ours[row].ms_median
                 out.append(
-                    {
-                        "target": f"{row} >= {limit:g}x faster than {today.name}",
-                        "value": value,
-                        "flop_ratio": today.flops / ours[row].flops,
-                        "met": value >= limit,
-                    }
+                    _speedup(
+                        ours[row], today, limit, f"{row} >= {limit:g}x faster than {today.name}"
+                    )
                 )
     need = NAIVE_TARGET.get(device.type, 1.0)
     for method, row in naive.items():
         if method in ours and parse_row(method)[0].regularized:  # sup is shown, not targeted
-            value = row.ms_median / ours[method].ms_median
-            out.append(
-                {
-                    "target": f"{method} >= {need:g}x faster than naive ({device.type})",
-                    "value": value,
-                    "flop_ratio": row.flops / ours[method].flops,
-                    "met": value >= need,
-                }
-            )
+            what = f"{method} >= {need:g}x faster than naive ({device.type})"
+            out.append(_speedup(ours[method], row, need, what))
     return out
+
+
+def _speedup(fast_row: Row, slow_row: Row, limit: float, what: str) -> dict:
+    """A target "`fast_row` at least `limit` times faster than `slow_row`"."""
+    value = slow_row.ms_median / fast_row.ms_median
+    return {
+        "target": what,
+        "value": value,
+        "flop_ratio": slow_row.flops / fast_row.flops,
+        "met": value >= limit,
+    }
 
 
 def write_report(report: dict, path: str | Path) -> Path:
