@@ -76,6 +76,11 @@ def test_auto_means_bf16_and_channels_last_where_bf16_is_fast(native_bf16, monke
     # float32 on a CPU: channels-last only when asked for (it gains nothing there)
     assert fast.resolve(TrainConfig(amp="off"), cpu) == fast.FastPath(None, False, False)
     assert fast.resolve(TrainConfig(amp="bf16"), cpu) == fast.FastPath(torch.bfloat16, True, False)
+    # LVAT: auto stays float32 on every device (bf16 trained worse); asking for bf16 still works
+    for device in (cpu, cuda):
+        assert fast.resolve(TrainConfig(), device, "lvat").amp_dtype is None
+        assert fast.resolve(TrainConfig(), device, "vat") == fast.resolve(TrainConfig(), device)
+    assert fast.resolve(TrainConfig(amp="bf16"), cpu, "lvat").amp_dtype == torch.bfloat16
 
 
 def test_the_test_suite_resolves_auto_to_float32_on_every_cpu():

@@ -295,3 +295,35 @@ def test_batchnorm_recalibration_gives_the_exact_mean_and_keeps_momentum():
         means = torch.stack([model[0](b).mean(dim=(0, 2, 3)) for b in batches])
     torch.testing.assert_close(bn.running_mean, means.mean(0))
     assert bn.momentum == 0.01 and model.training
+
+
+@pytest.mark.parametrize("clip", [0.0, 5.0])
+def test_clip_grad_norm_bounds_every_update_even_a_spiked_one(
+    clip, toy_data, tmp_path, monkeypatch
+):
+    import lvat.fit.setup as setup
+
+    real, calls = setup.vae_loss, {"n": 0}
+
+    def spiked(*args, **kwargs):  # one batch whose loss (and so gradient) is 1e6 times too big
+        calls["n"] += 1
+        terms = real(*args, **kwargs)
+        return {**terms, "loss": terms["loss"] * 1e6} if calls["n"] == 2 else terms
+
+    norms = []
+    step = torch.optim.Adam.step
+
+    def spy(self, *args, **kwargs):
+        grads = [p.grad for group in self.param_groups for p in group["params"]]
+        norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(setup, "vae_loss", spiked)
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    flags = _flags("vae", toy_data, tmp_path / "run", **{"train.clip_grad_norm": clip})
+    fit(load_config(VAEFitConfig, None, flags))
+    assert len(norms) == 6
+    if clip:
+        assert max(norms) <= clip * (1 + 1e-4)
+    else:  # unclipped, the spiked update's gradient is far beyond the clip used above
+        assert norms[1] > 1e3 * max(norms[:1] + norms[2:]) > 5.0

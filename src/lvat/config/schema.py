@@ -140,8 +140,9 @@ class TrainConfig:
     gradients come from) run under bf16 autocast; the clean target, the power-iteration probes
     and every VAE/Glow pass stay in true float32 (a bf16 or TF32 probe of norm xi rounds away).
     auto: bf16 on CUDA and on CPUs with bf16 units (AVX512-BF16 or AMX), off elsewhere (an
-    emulated bf16 is slower than float32). Pin it ("off" or "bf16") where results must not
-    depend on the machine."""
+    emulated bf16 is slower than float32); off for LVAT everywhere, where bf16 trained worse
+    in the runs so far and gains least (docs/numerics.md section 5). Pin it ("off" or "bf16")
+    where results must not depend on the machine."""
     channels_last: Literal["auto", "on", "off"] = "auto"
     """Store the classifier's conv weights (and so its activations) channels-last (NHWC), the
     layout tensor cores and oneDNN's bf16 kernels want. auto: on for CUDA and under bf16 amp,
@@ -247,6 +248,10 @@ class FitTrainConfig:
     """Updates between two decay steps."""
     decay_rate: float = option(1.0, gt=0.0, le=1.0)
     """Factor per decay step; 1 = no decay."""
+    clip_grad_norm: float = option(0.0, ge=0.0)
+    """Clip the gradient's global L2 norm to this before each update; 0 = never (the authors).
+    A safeguard for long runs: one bad batch can otherwise throw a VAE far off (a loss spike
+    of 1e12 at update 2,814 of a batch-64 fit, whose gradient norm is ~100-200 in steady state)."""
     eval_every: int = option(1000, ge=1)
     """Evaluate on test images (and redraw the PNG grids) every this-many steps, and at the end."""
     init: str = ""

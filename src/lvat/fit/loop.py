@@ -203,6 +203,8 @@ def _fit(cfg: FitConfig, kind: Kind, run: RunFolder, stop_at: int | None) -> dic
         terms = kind.loss(model, x, cfg)
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
+        if tc.clip_grad_norm:
+            nn.utils.clip_grad_norm_(model.parameters(), tc.clip_grad_norm)
         optimizer.step()
         stats = torch.stack([terms[k].detach() for k in kind.terms]).float()
         # A log row also probes this batch: reconstruction error, non-finite decodes.

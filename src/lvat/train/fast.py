@@ -62,11 +62,18 @@ def bf16_is_fast(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and environment.native_bf16())
 
 
-def resolve(tc: TrainConfig, device: torch.device) -> FastPath:
-    """`auto`: amp is bf16 where bf16 is fast (`bf16_is_fast`); channels_last is on for CUDA and
-    wherever amp is bf16."""
+# Methods that `amp = "auto"` keeps in float32 although bf16 would be faster: LVAT-VAE trained
+# 1.0 and 2.0 points worse in bf16 (finite difference, exact; docs/numerics.md section 5) for a
+# step only ~1.25x faster, since its transformer passes stay float32 anyway.
+AUTO_FLOAT32 = frozenset({"lvat"})
+
+
+def resolve(tc: TrainConfig, device: torch.device, method: str = "") -> FastPath:
+    """`auto`: amp is bf16 where bf16 is fast (`bf16_is_fast`), unless `method` (the config's
+    method.name) is one of `AUTO_FLOAT32`; channels_last is on for CUDA and wherever amp is
+    bf16."""
     cuda = device.type == "cuda"
-    auto_bf16 = tc.amp == "auto" and bf16_is_fast(device)
+    auto_bf16 = tc.amp == "auto" and bf16_is_fast(device) and method not in AUTO_FLOAT32
     amp_dtype = torch.bfloat16 if tc.amp == "bf16" or auto_bf16 else None
     # oneDNN's bf16 convolutions want NHWC too: on a CPU, channels-last pays only under bf16.
     nhwc = cuda or amp_dtype is not None

@@ -70,7 +70,7 @@ def _train(cfg: Config, world: World, run: RunFolder, stop_at: int | None) -> di
     batch_l = distributed.local_batch(tc.batch_labeled, world, "train.batch_labeled")
     batch_u = distributed.local_batch(tc.batch_unlabeled, world, "train.batch_unlabeled")
     fast.check_cache(cfg)
-    fast_path = fast.resolve(tc, device)
+    fast_path = fast.resolve(tc, device, cfg.method.name)
     dataset = load_from_config(cfg.data)
     # Drawn (or read) once on rank 0, which writes split.json; the same object everywhere.
     split = world.broadcast(resolve_split(cfg.data, dataset, run.path) if main else None)
