@@ -207,3 +207,25 @@ def test_a_committed_run_without_its_checkpoint_counts_as_finished(grid, monkeyp
     assert out.count("[done]") == 4 and "[start]" not in out and "[resume]" not in out
     report = summarize([read_run(p) for p in find_runs(["runs"])])
     assert sorted(c.n for c in report.cells) == [2, 2]
+
+
+def test_the_time_estimate_is_updates_times_the_measured_rate_or_the_prior(grid, monkeypatch):
+    from lvat.experiments.sweep import estimate
+
+    monkeypatch.chdir(grid)
+    jobs = plan("grid.toml")  # sup seeds 0, 1; vat seeds 0, 1; 4 updates each
+    before = estimate(jobs, {"vat": 2.0})
+    assert (before.todo, before.steps, before.seconds, before.unknown) == (4, 16, 16.0, ["sup"] * 2)
+    assert "no rate yet for sup" in before.line()
+    for job, wall in ((jobs[0], 10.0), (jobs[2], 30.0)):  # as if finished (a committed run)
+        job.out.mkdir(parents=True)
+        (job.out / "results.json").write_text(json.dumps({"wall_time_s": wall, "steps": 4}))
+    after = estimate(jobs, {"vat": 2.0})  # measured 7.5 s per vat update beats the prior
+    assert (after.todo, after.steps, after.unknown) == (2, 8, [])
+    assert after.seconds == pytest.approx(4 * 10.0 / 4 + 4 * 30.0 / 4)
+    assert "2 runs to go (8 updates)" in after.line(2)
+    with pytest.raises(ConfigError, match="seconds_per_step"):
+        (grid / "bad.toml").write_text(
+            (grid / "grid.toml").read_text() + '[seconds_per_step]\nvat = "slow"\n'
+        )
+        plan("bad.toml")

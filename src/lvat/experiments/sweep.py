@@ -16,15 +16,24 @@ A sweep file (TOML) lists the transformers to train first and the classifier run
     grid = { "method.eps" = [1.0, 2.0] }          # optional: one run per value (and combination);
                                                   # out/<folder>/<config>/eps1/seed<k>
 
+    [seconds_per_step]                        # optional: a prior for the time estimate,
+    vat = 1.3                                 # core-seconds per update by config file stem
+
 Every job is skipped when finished (results.json), resumed when interrupted (checkpoint.pt),
 started otherwise. `--shard i/n` runs jobs i, i+n, i+2n, ... so a grid spreads over machines;
 a run whose transformer is not trained yet is left for a later pass.
+
+Before running, a sweep prints its time estimate: the updates still to run times the seconds an
+update took in the finished runs of the same config file (their results.json), or the file's
+`seconds_per_step` prior where none has finished yet.
 """
 
 from __future__ import annotations
 
 import glob
 import itertools
+import json
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -37,6 +46,7 @@ from lvat.models.registry import KINDS
 from lvat.regularizers import METHODS
 
 RESULTS, CHECKPOINT = "results.json", "checkpoint.pt"
+KEYS = ("out", "fit", "runs", "seconds_per_step")
 
 
 @dataclass
@@ -48,6 +58,13 @@ class Job:
     flags: list[str]
     out: Path
     needs: list[Path] = field(default_factory=list)  # transformer checkpoints it reads
+    steps: int = 0  # parameter updates of the whole run
+
+    @property
+    def cost_key(self) -> str:
+        """Runs with the same key cost the same per update (the time estimate's unit)."""
+        stem = self.config.stem  # "vat", or "fit:vae:fashion-mnist-vae" for a fit
+        return stem if self.kind == "train" else f"{self.kind}:{stem}"
 
     @property
     def status(self) -> str:
@@ -71,9 +88,10 @@ def plan(path: str | Path) -> list[Job]:
     """Read a sweep file into its jobs: every fit first, then every (config, seed) run."""
     path = Path(path)
     spec = read_file(path)
-    unknown = set(spec) - {"out", "fit", "runs"}
+    unknown = set(spec) - set(KEYS)
     if unknown:
-        raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)}; allowed: out, fit, runs")
+        raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)}; allowed: {', '.join(KEYS)}")
+    _priors(spec, path)  # checked here, used by `estimate`
     base = path.parent
     out = Path(spec.get("out", "runs/" + path.stem))
     jobs: list[Job] = []
@@ -85,8 +103,10 @@ def plan(path: str | Path) -> list[Job]:
             kinds = " | ".join(f'"{k}"' for k in KINDS)
             raise ConfigError(f'{where}: needs kind = {kinds} and config = "FILE"')
         flags = _list(block, "set", where, str)
-        fit_out = Path(_fit_out(base / cfg, kind, flags))
-        jobs.append(Job(f"fit:{kind}", base / cfg, flags, fit_out))
+        fit_cfg = _fit_config(base / cfg, kind, flags)
+        jobs.append(
+            Job(f"fit:{kind}", base / cfg, flags, Path(fit_cfg.out), [], fit_cfg.train.steps)
+        )
     for i, block in enumerate(spec.get("runs", [])):
         where = f"{path}: runs[{i}]"
         patterns = _list(block, "configs", where, str)
@@ -109,7 +129,7 @@ def plan(path: str | Path) -> list[Job]:
             cfg = load_config(Config, file, job_flags)  # validates every run up front
             transformer = METHODS[cfg.method.name].needs_transformer
             needs = [Path(cfg.method.transformer)] if transformer else []
-            seen[run_out] = Job("train", file, job_flags, run_out, needs)
+            seen[run_out] = Job("train", file, job_flags, run_out, needs, cfg.train.steps)
             jobs.append(seen[run_out])
     return jobs
 
@@ -136,10 +156,62 @@ def _text(value: int | float | str) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def _fit_out(config: Path, kind: str, flags: list[str]) -> str:
+def _fit_config(config: Path, kind: str, flags: list[str]):
     from lvat.fit import fit_config
 
-    return fit_config(kind, str(config), flags).out
+    return fit_config(kind, str(config), flags)
+
+
+def _priors(spec: dict, path: Path) -> dict[str, float]:
+    priors = spec.get("seconds_per_step", {})
+    if not isinstance(priors, dict) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in priors.values()
+    ):
+        raise ConfigError(f"{path}: seconds_per_step: expected {{ config-stem = seconds > 0 }}")
+    return {str(k): float(v) for k, v in priors.items()}
+
+
+@dataclass
+class Estimate:
+    """What is left of a sweep and how long it should take on one core per process."""
+
+    todo: int  # jobs not finished
+    steps: int  # their updates
+    seconds: float  # core-seconds for the jobs whose rate is known
+    unknown: list[str]  # cost keys of jobs with no finished run and no prior
+
+    def line(self, processes: int = 1) -> str:
+        if not self.todo:
+            return "estimate: every run has finished"
+        hours = self.seconds / 3600
+        text = (
+            f"estimate: {self.todo} runs to go ({self.steps:,} updates), {hours:.1f} core-hours "
+            f"= {hours / processes:.1f} h on {processes} process(es) of one core"
+        )
+        if self.unknown:
+            text += f"; no rate yet for {', '.join(sorted(set(self.unknown)))} (not counted)"
+        return text
+
+
+def estimate(jobs: list[Job], priors: dict[str, float] | None = None) -> Estimate:
+    """The time the unfinished `jobs` need: updates x seconds per update, measured by finished
+    runs of the same config file (median of their wall_time_s / steps) or else `priors`."""
+    measured: dict[str, list[float]] = {}
+    for job in jobs:
+        if job.status == "done":
+            results = json.loads((job.out / RESULTS).read_text())
+            if results.get("wall_time_s") and results.get("steps"):
+                rate = results["wall_time_s"] / results["steps"]
+                measured.setdefault(job.cost_key, []).append(rate)
+    rates = {**(priors or {}), **{k: statistics.median(v) for k, v in measured.items()}}
+    todo = [j for j in jobs if j.status != "done"]
+    known = [j for j in todo if j.cost_key in rates]
+    return Estimate(
+        todo=len(todo),
+        steps=sum(j.steps for j in todo),
+        seconds=sum(rates[j.cost_key] * j.steps for j in known),
+        unknown=[j.cost_key for j in todo if j.cost_key not in rates],
+    )
 
 
 def _run(job: Job) -> None:
@@ -179,6 +251,8 @@ def sweep(path: str | Path, *, shard: tuple[int, int] = (0, 1), dry_run: bool = 
     jobs = plan(path)
     mine = jobs[shard[0] :: shard[1]]
     print(f"{path}: {len(jobs)} jobs, {len(mine)} in shard {shard[0]}/{shard[1]}")
+    priors = _priors(read_file(Path(path)), Path(path))
+    print(estimate(jobs, priors).line(shard[1]) + " (whole sweep)", flush=True)
     failed = 0
     for job in mine:
         missing = [p for p in job.needs if not _ready(p)]
