@@ -310,3 +310,35 @@ def test_an_lvat_row_is_named_by_results_json_when_the_transformer_file_is_gone(
     results.update(method="lvat", transformer_kind="vae")
     (tmp_path / "r" / "results.json").write_text(json.dumps(results))
     assert read_run(tmp_path / "r").row == "LVAT-VAE"
+
+
+def test_the_convergence_check_reads_the_last_20_percent_of_each_curve(tmp_path):
+    # Two cells of 2 runs, evaluated every 100 of 1,000 updates. The exact run's error moves by
+    # 0.5 and 0.8 between update 800 and 1,000 (flattened); the finite difference's second run
+    # moves by 1.5 (not flattened). Update 700 moves a lot in both: it is outside the window.
+    curves = {
+        "exact": [{700: 40.0, 800: 30.5, 900: 30.2, 1000: 30.0}, {800: 28.8, 1000: 28.0}],
+        "fd": [{800: 31.5, 1000: 31.0}, {700: 50.0, 800: 32.0, 900: 31.0, 1000: 30.5}],
+    }
+    for name, runs in curves.items():
+        for s, curve in enumerate(runs):
+            folder = tmp_path / "runs" / name / f"s{s}"
+            method = "exact" if name == "exact" else "finite-difference"
+            _run_files(folder, s, curve[1000], power_method=method, xi=1e-6)
+            lines = [json.dumps({"step": k, "test_error": v}) for k, v in curve.items()]
+            (folder / "eval.jsonl").write_text("\n".join([*lines, '{"step": 10']))  # a cut line
+    (tmp_path / "runs/fd/s2").mkdir()  # not a run: ignored
+    prefix = tmp_path / "rep"
+    assert main(["report", str(tmp_path / "runs"), "--out", str(prefix)]) == 0
+    md = prefix.with_suffix(".md").read_text()
+    assert "| VAT exact | toy SSL (20 labels) | -0.65 (n=2) | -0.80 | yes |" in md
+    assert "| VAT xi=1e-06 | toy SSL (20 labels) | -1.00 (n=2) | -1.50 | no |" in md
+    rows = {r["method"]: r for r in _csv_rows(prefix.with_suffix(".csv"))}
+    assert float(rows["VAT exact"]["last_20pc_change"]) == pytest.approx(-0.65)
+    assert (tmp_path / "rep_curves.png").stat().st_size > 0
+
+    from lvat.analysis.report import find_runs, read_run, summarize
+
+    report = summarize([read_run(p) for p in find_runs([tmp_path / "runs"])])
+    exact = next(c for c in report.cells if c.row == "VAT exact")
+    assert exact.mean_curve() == ([800, 1000], [pytest.approx(29.65), pytest.approx(29.0)])

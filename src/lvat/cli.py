@@ -125,6 +125,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     print(
         f"{n} finished runs in {len(report.cells)} cells, {len(report.unfinished)} unfinished; "
         f"wrote {args.out}.md and {args.out}.csv"
+        + (f" and {args.out}_curves.png" if any(c.mean_curve()[0] for c in report.cells) else "")
     )
     return 0
 

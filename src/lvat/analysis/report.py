@@ -12,6 +12,11 @@ report over hundreds of runs takes seconds. Runs are grouped into the cells of T
 Each cell holds the mean and sample standard deviation (ddof=1) of the runs' test error and their
 number n; the paper's value sits beside it where the paper has that cell. Runs with no
 results.json are listed as running/unfinished and never averaged.
+
+Whether a budget was long enough is read from each run's eval.jsonl: the change of the error over
+the last 20 % of updates (the last evaluation at or before 80 % of the run against the final one),
+a cell counting as flattened when every run moved by less than one point; `write_report` also draws
+the mean curve of every cell (PREFIX_curves.png).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import json
 import statistics
 import sys
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 if sys.version_info >= (3, 11):
@@ -46,7 +51,9 @@ from lvat.models.registry import KINDS
 from lvat.regularizers import METHODS, method_key, method_label
 
 CSV_FIELDS = ("method", "dataset", "aug", "setting", "mean", "std", "n", "paper")
-CSV_EXTRA = ("num_labeled", "eps", "runs_differ_in", "runs")
+CSV_EXTRA = ("num_labeled", "eps", "last_20pc_change", "runs_differ_in", "runs")
+LAST_SHARE = 0.2  # the convergence check looks at the last 20 % of updates ...
+FLAT = 1.0  # ... and calls a run flattened when they moved its error by less than 1 point
 # Settings that should agree between the seeds of one cell; a difference is flagged, not hidden.
 _SAME_WITHIN_CELL = (
     ("model", "name"),
@@ -74,6 +81,17 @@ class RunInfo:
     method: str = ""  # method.name ("lvat"); cell.method is the row key ("lvat-vae")
     kind: str = ""  # the transformer's kind ("vae"), "" without one or if unknown
     amp: str = ""  # the precision the run resolved ("off", "bfloat16"), from results.json
+    curve: list[tuple[int, float]] = field(default_factory=list)  # (step, error) of eval.jsonl
+
+    @property
+    def last_change(self) -> float | None:
+        """Error at the last evaluation minus error at the last one at or before 80 % of the
+        run's updates (None without both): what the last 20 % of training still moved."""
+        if not self.curve:
+            return None
+        end_step, end = self.curve[-1]
+        before = [v for s, v in self.curve if s <= end_step * (1 - LAST_SHARE)]
+        return end - before[-1] if before else None
 
     @property
     def row(self) -> str:
@@ -203,6 +221,7 @@ def read_run(path: Path, metric: str = "test") -> RunInfo:
         method=method_name,
         kind=kind,
         amp=str(results.get("amp", "")),
+        curve=_curve(path / "eval.jsonl", f"{metric}_error"),
     )
     if info.error is None:
         info.progress = _progress(path, config)
@@ -215,6 +234,26 @@ def _read_json(path: Path) -> dict:
     except (OSError, ValueError):
         return {}
     return d if isinstance(d, dict) else {}
+
+
+def _curve(path: Path, key: str) -> list[tuple[int, float]]:
+    """(step, value of `key`) of every line of an eval.jsonl that has both, in file order."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+    points = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line cut by a stop
+        if not isinstance(row, dict):
+            continue
+        step, value = row.get("step"), row.get(key)
+        if isinstance(step, int) and isinstance(value, int | float):
+            points.append((step, float(value)))
+    return points
 
 
 def _progress(path: Path, config: dict) -> str:
@@ -256,6 +295,22 @@ class CellSummary:
     @property
     def paper(self) -> float | None:
         return paper_error(self.first.cell, self.first.num_labeled)
+
+    @property
+    def changes(self) -> list[float]:
+        """Each finished run's change over its last 20 % of updates (runs that have one)."""
+        return [c for r in self.runs if r.error is not None and (c := r.last_change) is not None]
+
+    @property
+    def flattened(self) -> bool | None:
+        """Every run moved by less than FLAT points over its last 20 %; None: no curve."""
+        return all(abs(c) < FLAT for c in self.changes) if self.changes else None
+
+    def mean_curve(self) -> tuple[list[int], list[float]]:
+        """The cell's mean error at the steps every finished run evaluated."""
+        curves = [dict(r.curve) for r in self.runs if r.error is not None and r.curve]
+        steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+        return steps, [statistics.fmean(c[s] for c in curves) for s in steps]
 
     @property
     def differ_in(self) -> list[str]:
@@ -438,6 +493,7 @@ def to_markdown(report: Report, metric: str = "test") -> str:
         lines += [
             f"- {c.row}, {column_label(c.first.column)}: {', '.join(c.differ_in)}" for c in flagged
         ]
+    lines += convergence_lines(report, metric)
     lines += ["", "## Missing cells (in the paper's Table 3, no finished run)", ""]
     running = Counter(_key(r) for r in report.unfinished)
     for c, value in report.missing:
@@ -451,6 +507,49 @@ def to_markdown(report: Report, metric: str = "test") -> str:
         f"- {r.path}: {r.row}, {column_label(r.column)}, {r.progress}" for r in report.unfinished
     ] or ["- none"]
     return "\n".join(lines) + "\n"
+
+
+def convergence_lines(report: Report, metric: str = "test") -> list[str]:
+    """Per cell: how much the last 20 % of updates moved the error (mean over runs and the
+    largest move), and whether the cell has flattened. Empty when no run has a curve."""
+    cells = [c for c in report.cells if c.changes]
+    if not cells:
+        return []
+    lines = [
+        "",
+        f"## Convergence: change of {metric} error over the last {LAST_SHARE:.0%} of updates",
+        "",
+        f"Flattened: every run of the cell moved by less than {FLAT:g} point.",
+        "",
+        "| method | column | mean change | largest move | flattened |",
+        "|---|---|---|---|---|",
+    ]
+    for c in cells:
+        largest = max(c.changes, key=abs)
+        lines.append(
+            f"| {c.row} | {column_label(c.first.column)} | {statistics.fmean(c.changes):+.2f} "
+            f"(n={len(c.changes)}) | {largest:+.2f} | {'yes' if c.flattened else 'no'} |"
+        )
+    return lines
+
+
+def draw_report_curves(report: Report, path: Path, metric: str = "test") -> Path | None:
+    """One panel per column, one line per row: the mean error curve of each cell (None when no
+    run has a curve)."""
+    from lvat.analysis.figures import draw_curves
+
+    panels = []
+    for col in report.columns():
+        lines = []
+        for c in report.cells:
+            if c.first.column == col and (curve := c.mean_curve())[0]:
+                lines.append((f"{c.row} (n={c.n})", *curve))
+        if lines:
+            panels.append((column_label(col), f"{metric} error % (mean over runs)", lines))
+    if not panels:
+        return None
+    draw_curves(panels, path)
+    return path
 
 
 def to_csv(report: Report, metric: str = "test") -> str:
@@ -473,6 +572,7 @@ def to_csv(report: Report, metric: str = "test") -> str:
                 "" if c.paper is None or metric != "test" else f"{c.paper:g}",
                 r.num_labeled,
                 "" if r.eps is None else f"{r.eps:g}",
+                f"{statistics.fmean(c.changes):.4g}" if c.changes else "",
                 ";".join(c.differ_in),
                 ";".join(str(x.path) for x in c.runs),
             ]
@@ -499,7 +599,8 @@ def write_report(
     metric: str = "test",
     pairs: list[tuple[str, str]] = (),
 ) -> tuple[Report, str]:
-    """Read every run under `paths`, write PREFIX.md and PREFIX.csv; return report and Markdown.
+    """Read every run under `paths`, write PREFIX.md, PREFIX.csv and (when runs logged
+    evaluations) PREFIX_curves.png; return report and Markdown.
     `metric`: "test" (Table 3) or "validation" (the held-out split, for choosing eps). `pairs`:
     (row A, row B) whose per-seed differences get a 95% confidence interval."""
     if metric not in ("test", "validation"):
@@ -512,4 +613,5 @@ def write_report(
     prefix = Path(prefix)
     atomic_write_text(prefix.with_name(prefix.name + ".md"), markdown)
     atomic_write_text(prefix.with_name(prefix.name + ".csv"), to_csv(report, metric))
+    draw_report_curves(report, prefix.with_name(prefix.name + "_curves.png"), metric)
     return report, markdown
