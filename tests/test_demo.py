@@ -1,4 +1,5 @@
-"""`lvat demo` end to end on the real Fashion-MNIST, with its budget cut to a few steps."""
+"""`lvat demo` end to end on the real Fashion-MNIST, with its budget cut to a few steps and tiny
+stand-ins for the shipped transformers (the real ones are tested in test_shipped_weights.py)."""
 
 from __future__ import annotations
 
@@ -6,20 +7,29 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
+from lvat.errors import LvatError
 from lvat.experiments import demo
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
-@pytest.mark.skipif(
-    not FMNIST.is_dir() and not os.environ.get("LVAT_REQUIRE_DATA"),
-    reason="apt-get install dataset-fashion-mnist (make test does it)",
-)
-def test_demo_trains_a_vae_then_three_methods_and_prints_the_table(tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def tiny_budget(tmp_path, monkeypatch) -> None:
+    from lvat.models import VAE, Glow
+    from lvat.models.transformers import export_transformer
+
+    torch.manual_seed(0)
+    glow = Glow(in_channels=1, image_size=32, n_levels=3, n_steps=1, width=8)
+    glow.initialize(torch.rand(16, 1, 32, 32))
+    vae = VAE(in_channels=1, image_size=32, latent_dim=8)
+    weights = {
+        "lvat-vae": str(export_transformer(vae, tmp_path / "w" / "vae.safetensors")),
+        "lvat-glow": str(export_transformer(glow, tmp_path / "w" / "glow.safetensors")),
+    }
+    monkeypatch.setattr(demo, "TRANSFORMERS", weights)
     for name, value in {
-        "VAE_STEPS": 3,
-        "VAE_BATCH": 8,
         "CLASSIFIER_STEPS": 3,
         "DECAY_STEPS": 1,
         "BATCH_LABELED": 8,
@@ -27,12 +37,35 @@ def test_demo_trains_a_vae_then_three_methods_and_prints_the_table(tmp_path, mon
         "FIGURE_SAMPLES": 16,
     }.items():
         monkeypatch.setattr(demo, name, value)
-    rows = demo.demo(tmp_path)
-    assert [r["method"] for r in rows] == ["sup", "vat", "lvat-vae"]
+
+
+@pytest.mark.skipif(
+    not FMNIST.is_dir() and not os.environ.get("LVAT_REQUIRE_DATA"),
+    reason="apt-get install dataset-fashion-mnist (make test does it)",
+)
+def test_demo_runs_four_methods_in_two_processes_and_prints_the_table(
+    tiny_budget, tmp_path, capsys
+):
+    rows = demo.demo(tmp_path / "demo", workers=2)
+    assert [r["method"] for r in rows] == ["sup", "vat", "lvat-vae", "lvat-glow"]
     assert all(0 <= r["test_error"] <= 100 and r["validation_error"] is not None for r in rows)
     out = capsys.readouterr().out
-    assert "| method | eps | test error % |" in out and "| lvat-vae | 1 |" in out
-    for method in ("vat", "lvat"):
-        assert (tmp_path / method / "figures" / "fig2_adv_distance.png").stat().st_size > 0
-    demo.demo(tmp_path)  # a re-run skips every finished part
-    assert "skipped" in capsys.readouterr().out
+    assert "2 process(es)" in out and "| method | eps | test error % |" in out
+    assert "| lvat-glow | 0.5 |" in out and "| sup | - |" in out
+    for run in ("vat", "lvat-vae", "lvat-glow"):
+        assert (tmp_path / "demo" / run / "figures" / "fig2_adv_distance.png").stat().st_size > 0
+    config = (tmp_path / "demo" / "lvat-glow" / "config.toml").read_text()
+    assert 'amp = "off"' in config  # the same precision on every CPU
+    demo.demo(tmp_path / "demo", workers=1)  # a re-run skips every finished part
+    assert capsys.readouterr().out.count("finished earlier, skipped") == 4
+
+
+def test_the_demo_stops_before_training_when_a_shipped_transformer_is_missing(
+    tiny_budget, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(demo, "TRANSFORMERS", {**demo.TRANSFORMERS, "lvat-glow": "mnist/nope"})
+    with pytest.raises(LvatError, match="needs the shipped transformer 'mnist/nope'"):
+        demo.demo(tmp_path / "demo")
+    assert not (tmp_path / "demo").exists()
+    with pytest.raises(LvatError, match="at least 1"):
+        demo.demo(tmp_path / "demo", workers=0)

@@ -219,7 +219,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from lvat.experiments.demo import demo
 
-    demo(args.out)
+    demo(args.out, workers=args.workers)
     return 0
 
 
@@ -438,8 +438,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_flags(gs, GpuStudyOptions)
     gs.set_defaults(func=_cmd_gpu_study)
-    dm = sub.add_parser("demo", help="Fashion-MNIST on CPU: VAE, then sup/vat/lvat-vae compared")
+    dm = sub.add_parser(
+        "demo",
+        help="Fashion-MNIST on CPU: sup/vat/lvat-vae/lvat-glow compared (shipped transformers)",
+    )
     dm.add_argument("--out", default="runs/demo", help="folder for the demo's runs")
+    dm.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes, sharing the cores (default: one per core, at most four)",
+    )
     dm.set_defaults(func=_cmd_demo)
 
     cfg = sub.add_parser(
@@ -470,6 +479,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lvat: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `lvat ... | head`: the reader has what it wanted
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - no flush error at exit
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

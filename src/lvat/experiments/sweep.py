@@ -128,7 +128,7 @@ def plan(path: str | Path) -> list[Job]:
                 continue
             cfg = load_config(Config, file, job_flags)  # validates every run up front
             transformer = METHODS[cfg.method.name].needs_transformer
-            needs = [Path(cfg.method.transformer)] if transformer else []
+            needs = [_transformer_file(cfg.method.transformer)] if transformer else []
             seen[run_out] = Job("train", file, job_flags, run_out, needs, cfg.train.steps)
             jobs.append(seen[run_out])
     return jobs
@@ -224,6 +224,17 @@ def _run(job: Job) -> None:
         from lvat.fit import fit, fit_config
 
         fit(fit_config(job.kind.removeprefix("fit:"), str(job.config), job.flags), resume=resume)
+
+
+def _transformer_file(source: str) -> Path:
+    """The file a run's transformer is read from: a path as given, a shipped name ("fashion-
+    mnist/vae") as its weights file; a name not (yet) installed stays a path the run waits for."""
+    from lvat.models.transformers import resolve_transformer
+
+    try:
+        return resolve_transformer(source)
+    except LvatError:
+        return Path(source)
 
 
 def _ready(checkpoint: Path) -> bool:
