@@ -179,3 +179,29 @@ def test_a_sup_run_or_too_few_samples_is_refused(runs, capsys):
     assert main(["figures", str(runs["sup"])]) == 2
     assert "figures need a VAT or LVAT run" in capsys.readouterr().err
     assert main(["figures", str(runs["vat"]), "--samples", "1"]) == 2
+
+
+def test_an_lvat_fit_folder_gets_its_training_and_test_curves(tmp_path, capsys):
+    # a VAE fit still training: a cut last line in each log, the -ELBO summed from its terms
+    run = tmp_path / "fit"
+    run.mkdir()
+    (run / "config.toml").write_text("seed = 0\n[model]\nlatent_dim = 8\n[train]\nsteps = 30\n")
+    (run / "metrics.jsonl").write_text(
+        '{"step": 10, "loss": 5.0, "bce": 4.0, "kl": 10.0}\n'
+        '{"step": 20, "loss": 3.0, "bce": 2.5, "kl": 5.0}\n{"step": 3'
+    )
+    (run / "eval.jsonl").write_text(
+        '{"step": 20, "test_neg_elbo": 8.0, "test_bce": 3.0, "test_kl": 5.0}\n{"st'
+    )
+    assert figures.is_fit_run(run)
+    assert main(["figures", str(run)]) == 0
+    assert "'neg_elbo': 8.0" in capsys.readouterr().out
+    info = figures.fit_curves(run)
+    train = {name: (steps, values) for name, steps, values in info["train"]}
+    assert train["neg_elbo"] == ([10, 20], [14.0, 7.5]) and set(train) == {"neg_elbo", "bce", "kl"}
+    assert [name for name, _, _ in info["test"]] == ["neg_elbo", "bce", "kl"]
+    assert Image.open(run / "figures" / "curves.png").size[0] > 0
+    (run / "eval.jsonl").unlink()
+    (run / "metrics.jsonl").unlink()
+    with pytest.raises(figures.LvatError, match="not an `lvat fit` run folder"):
+        figures.fit_curves(run)

@@ -135,7 +135,7 @@ class FiguresOptions:
     """`lvat figures`: the arguments of `lvat.analysis.figures.make_figures`."""
 
     run_dir: str
-    """a VAT or LVAT run folder written by `lvat train`"""
+    """a VAT or LVAT run folder written by `lvat train` (or an `lvat fit` folder: its curves)"""
     samples: int = flag(5000, metavar="N")
     """random test images (5000)"""
     eps_vat: float | None = flag(None, metavar="X")
@@ -151,8 +151,13 @@ class FiguresOptions:
 
 
 def _cmd_figures(args: argparse.Namespace) -> int:
-    from lvat.analysis.figures import make_figures, summary_text
+    from lvat.analysis.figures import fit_curves, is_fit_run, make_figures, summary_text
 
+    if is_fit_run(args.run_dir):  # a transformer: its training and test curves
+        info = fit_curves(args.run_dir)
+        last = {name: values[-1] for name, _, values in info["test"]}
+        print(f"{info['run']}: test {last or 'not evaluated yet'}; wrote {info['png']}")
+        return 0
     print(summary_text(make_figures(**asdict(from_flags(FiguresOptions, args)))))
     return 0
 

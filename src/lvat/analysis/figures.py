@@ -194,9 +194,60 @@ def _summary(v: Tensor) -> dict:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSON-lines log; a line cut by a stop (or a run still writing) is skipped."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return [r for r in rows if isinstance(r, dict)]
+
+
+# The curves of an `lvat fit` run: the VAE's -ELBO and its two terms (nats per image), Glow's
+# bits per dimension (with dequantisation noise); train from metrics.jsonl, test from eval.jsonl.
+FIT_CURVES = ("neg_elbo", "bce", "kl", "bpd")
+
+
+def is_fit_run(run_dir: str | Path) -> bool:
+    """An `lvat fit` folder (a transformer), not a classifier run: its config has no [method]."""
+    import tomllib
+
+    try:
+        config = tomllib.loads((Path(run_dir) / "config.toml").read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError):
+        return False
+    return "method" not in config and "model" in config
+
+
+def fit_curves(run_dir: str | Path) -> dict:
+    """RUN_DIR/figures/curves.png (+ .pdf) of an `lvat fit` run, finished or still training:
+    training (mean over each log window) and test curves side by side. Returns the points."""
+    run = Path(run_dir)
+    metrics, evals = _read_jsonl(run / "metrics.jsonl"), _read_jsonl(run / "eval.jsonl")
+    if not metrics and not evals:
+        raise LvatError(f"{run}: no metrics.jsonl or eval.jsonl: not an `lvat fit` run folder")
+
+    def lines(rows: list[dict], prefix: str) -> list[tuple[str, list, list]]:
+        return [
+            (key, [r["step"] for r in rows if prefix + key in r],
+             [r[prefix + key] for r in rows if prefix + key in r])
+            for key in FIT_CURVES
+            if any(prefix + key in r for r in rows)
+        ]  # fmt: skip
+
+    for r in metrics:  # the VAE logs its two terms while training; -ELBO is their sum
+        if "bce" in r and "kl" in r and "neg_elbo" not in r:
+            r["neg_elbo"] = r["bce"] + r["kl"]
+    train, test = lines(metrics, ""), lines(evals, "test_")
+    keys = {name for name, _, _ in train + test}
+    unit = "bits per dimension" if keys <= {"bpd"} else "nats per image"
+    out = run / "figures" / "curves.png"
+    out.parent.mkdir(exist_ok=True)
+    draw_curves([("training (mean over each log window)", unit, train), ("test", unit, test)], out)
+    return {"run": str(run), "png": str(out), "train": train, "test": test}
 
 
 def make_figures(
