@@ -12,10 +12,10 @@ from safetensors.torch import load_file
 import lvat
 from lvat.cli import main
 from lvat.config import DataConfig, GlowFitConfig, VAEFitConfig, load_config, to_flags
-from lvat.data import load_from_config
+from lvat.data import load_from_config, to_float
 from lvat.errors import LvatError
 from lvat.fit import fit
-from lvat.fit.export import CHECK_IMAGES, read_card, reconstruction_check
+from lvat.fit.export import CHECK_IMAGES, nonfinite_count, read_card, reconstruction_check
 from lvat.train import checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -77,6 +77,30 @@ def test_export_writes_the_checkpoints_weights_and_a_card_that_describes_them(ex
     model = lvat.load_transformer(weights)
     assert card["check"]["images"] == CHECK_IMAGES
     assert reconstruction_check(model, x) == pytest.approx(card["check"]["recon_mse"], rel=1e-6)
+    data = load_from_config(DataConfig(name=str(toy_data)))
+    assert card["nonfinite"]["images"] == {"train": len(data.x_train), "test": len(data.x_test)}
+    assert card["nonfinite"]["train"] == card["nonfinite"]["test"] == 0
+
+
+def test_nonfinite_count_finds_the_images_a_transformer_cannot_encode(exported, toy_data):
+    kind, _, weights = exported
+    model = lvat.load_transformer(weights)
+    x = load_from_config(DataConfig(name=str(toy_data))).x_test[:10]
+    assert nonfinite_count(model, x, batch_size=4) == 0
+    encode = model.encode
+
+    sums = to_float(x).flatten(1).sum(1)
+    assert len(set(sums.tolist())) == 10  # an image's pixel sum tells which one a batch holds
+    bad = torch.stack([sums[2], sums[7]])
+
+    def overflowing(images, *args, **kwargs):  # images 2 and 7 overflow, as a bad flow's do
+        latent = encode(images, *args, **kwargs)
+        first = latent[0] if isinstance(latent, tuple) else latent
+        first[torch.isin(images.flatten(1).sum(1), bad)] = float("inf")
+        return latent
+
+    model.encode = overflowing
+    assert nonfinite_count(model, x, batch_size=4) == 2
 
 
 def test_exported_weights_load_by_name_from_lvat_weights(exported, monkeypatch):

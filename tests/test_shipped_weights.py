@@ -52,3 +52,6 @@ def test_a_shipped_transformer_loads_by_name_matches_its_card_and_reconstructs(n
     assert len(x) == CHECK_IMAGES
     # Same file, same images, same seed: only float rounding differs between CPUs (~1e-6 rel.)
     assert reconstruction_check(model, x) == pytest.approx(card["check"]["recon_mse"], rel=1e-3)
+    # LVAT encodes every unlabeled image: the weights must encode and decode all of them
+    assert card["nonfinite"]["train"] == card["nonfinite"]["test"] == 0
+    assert card["nonfinite"]["images"] == {"train": len(data.x_train), "test": len(data.x_test)}

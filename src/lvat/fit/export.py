@@ -10,7 +10,10 @@ safetensors: loading them never unpickles. The card beside them (`NAME.json`) sa
 - `steps_total`, the `test` metrics of the last segment's final evaluation;
 - `check`: decode(encode(x)) on the first 64 test images — mean squared error per pixel in
   [0, 1], with the seed of Glow's dequantisation noise — which a test recomputes from the
-  shipped file (`tests/test_shipped_weights.py`).
+  shipped file (`tests/test_shipped_weights.py`);
+- `nonfinite`: how many training and test images the weights cannot encode and decode back to
+  finite numbers (LVAT encodes every unlabeled image, so this must be 0: a flow whose couplings
+  overflow float32 on a few images makes every LVAT run that draws one of them fail).
 """
 
 from __future__ import annotations
@@ -33,7 +36,14 @@ from lvat.models.transformers import (
 )
 from lvat.train.checkpoint import CHECKPOINT
 
-__all__ = ["CHECK_IMAGES", "export_run", "read_card", "reconstruction_check", "weight_history"]
+__all__ = [
+    "CHECK_IMAGES",
+    "export_run",
+    "nonfinite_count",
+    "read_card",
+    "reconstruction_check",
+    "weight_history",
+]
 
 CHECK_IMAGES = 64
 CHECK_SEED = 0
@@ -104,6 +114,22 @@ def reconstruction_check(model: torch.nn.Module, x_uint8: torch.Tensor) -> float
     return float(((recon.float() - x) ** 2).mean())
 
 
+@torch.no_grad()
+def nonfinite_count(model: torch.nn.Module, x_uint8: torch.Tensor, batch_size: int = 250) -> int:
+    """Images (N, C, H, W uint8) whose encode, or decode of that encoding, has a non-finite
+    value (Glow's dequantisation noise from seed `CHECK_SEED`, in a forked RNG)."""
+    bad = 0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(CHECK_SEED)
+        for i in range(0, len(x_uint8), batch_size):
+            latent = model.encode(to_float(x_uint8[i : i + batch_size]))
+            parts = latent if isinstance(latent, tuple | list) else (latent,)
+            ok = torch.stack([p.flatten(1).isfinite().all(1) for p in parts]).all(0)
+            ok &= model.decode(latent).flatten(1).isfinite().all(1)
+            bad += int((~ok).sum())
+    return bad
+
+
 def export_run(run: str | Path, out: str | Path, *, name: str = "", command: str = "") -> Path:
     """Write the finished fit in `run` as `out` (.safetensors) and its card `out.json`."""
     run, out = Path(run), Path(out)
@@ -120,6 +146,8 @@ def export_run(run: str | Path, out: str | Path, *, name: str = "", command: str
             f"{dataset.fingerprint}; export where the fit's data is"
         )
     check = reconstruction_check(model, dataset.x_test[:CHECK_IMAGES])
+    nonfinite = {split: nonfinite_count(model, x) for split, x in
+                 (("train", dataset.x_train), ("test", dataset.x_test))}  # fmt: skip
     command = command or f"lvat fit {results['kind']} --config {run / 'config.toml'}"
     prior = (results.get("init") or {}).get("history", [])
     history = [*prior, _segment(results, config, command)]
@@ -140,6 +168,11 @@ def export_run(run: str | Path, out: str | Path, *, name: str = "", command: str
             "pad_to": data_cfg.get("pad_to", 0),
             "seed": CHECK_SEED,
             "recon_mse": check,
+        },
+        "nonfinite": {
+            "what": "images whose encode or decode(encode(x)) has a non-finite value",
+            **nonfinite,
+            "images": {"train": len(dataset.x_train), "test": len(dataset.x_test)},
         },
     }
     return export_transformer(model, out, card)
