@@ -281,3 +281,30 @@ def test_bad_arguments_raise_value_error(kwargs, match):
 def test_an_object_without_encode_and_decode_is_rejected():
     with pytest.raises(TypeError, match="encode"):
         LVAT(nn.Linear(2, 2), 1.0)
+
+
+def test_latents_a_transformer_cannot_encode_are_counted_and_named_when_the_loss_breaks(
+    tmp_path,
+):
+    from lvat.train.monitor import NonFiniteLoss, window_means
+    from lvat.train.step import STATS
+
+    class Overflowing(TupleTransformer):  # a flow whose couplings overflow on images 1 and 3
+        def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+            a, b = super().encode(x)
+            odd = (torch.arange(len(x)) % 2 == 1).reshape(-1, 1, 1, 1)
+            return a, b.masked_fill(odd, float("inf"))
+
+    x, model = torch.rand(4, 6), mlp()
+    loss, stats = LVAT(TupleTransformer(), 1.0).loss_and_stats(model, x)
+    assert stats["nonfinite_latent"].item() == 0.0 and torch.isfinite(loss)
+    loss, stats = LVAT(Overflowing(), 1.0).loss_and_stats(model, x)
+    assert stats["nonfinite_latent"].item() == 0.5 and not torch.isfinite(loss)
+    sums = torch.zeros(len(STATS))
+    sums[STATS.index("loss")], sums[STATS.index("nonfinite_latent")] = float("nan"), 0.5
+    ckpt = tmp_path / "checkpoint.pt"
+    with pytest.raises(NonFiniteLoss, match=r"encoded 25.00% of the unlabeled images to non-fin"):
+        window_means(sums, 2, 10, ckpt, "train.lr", STATS)
+    sums[STATS.index("nonfinite_latent")] = 0.0  # a NaN of another cause: the usual advice
+    with pytest.raises(NonFiniteLoss, match="Lower train.lr"):
+        window_means(sums, 2, 10, ckpt, "train.lr", STATS)

@@ -137,6 +137,9 @@ class LVAT:
                 z = t.encode(x.to(perturbation_dtype(x)) if x.is_floating_point() else x)
         # float32 latent maths even under autocast (docs/method.md §1.6); float64 stays float64.
         base = [g.detach().to(perturbation_dtype(g)) for g in _groups(z)]
+        # A transformer that overflows on some images (a flow's couplings in float32) gives them
+        # non-finite latents and the loss turns NaN; this stat says why (no host sync here).
+        finite = torch.stack([g.flatten(1).isfinite().all(1) for g in base]).all(0)
         out = virtual_adversarial(
             model,
             x,
@@ -150,6 +153,8 @@ class LVAT:
             with_loss=with_loss,
             power_method=self.power_method,
         )
+        if out.stats is not None:
+            out.stats["nonfinite_latent"] = (~finite).float().mean()
         return z, out
 
     def perturbation(self, model: nn.Module, x: Tensor) -> Latent:

@@ -31,18 +31,27 @@ def stop_advice(checkpoint: Path, hint: str) -> str:
     )
 
 
-def window_means(sums: Any, window: int, done: int, checkpoint: Path, hint: str) -> list[float]:
+def window_means(
+    sums: Any, window: int, done: int, checkpoint: Path, hint: str, names: tuple[str, ...] = ()
+) -> list[float]:
     """Mean of the metrics summed over the last `window` steps (one host sync), or stop.
 
     A NaN or infinity stops training before any checkpoint holds its weights; the message says
     whether `checkpoint` can be resumed and `hint` what to change (e.g. "train.lr or method.eps").
+    With the metrics' `names`, a nonzero "nonfinite_latent" names the transformer as the cause.
     """
     means = (sums / window).tolist()
     if not all(math.isfinite(v) for v in means):
-        raise NonFiniteLoss(
-            f"non-finite loss between steps {done - window + 1} and {done}; training stopped "
-            f"and {stop_advice(checkpoint, hint)}"
-        )
+        where = f"non-finite loss between steps {done - window + 1} and {done}"
+        share = dict(zip(names, means, strict=False)).get("nonfinite_latent", 0.0)
+        if math.isfinite(share) and share > 0:
+            raise NonFiniteLoss(
+                f"{where}: the transformer encoded {share:.2%} of the unlabeled images to "
+                "non-finite latents (it overflows on them), so lowering the lr will not help; "
+                "use weights whose model card counts 0 `nonfinite` images, or refit it. "
+                f"Training stopped; the last checkpoint, if any, in {checkpoint.parent} is intact"
+            )
+        raise NonFiniteLoss(f"{where}; training stopped and {stop_advice(checkpoint, hint)}")
     return means
 
 

@@ -144,7 +144,9 @@ class Stepper:
             means = None
             if logging:  # the read-back: the window's steps are done when it returns
                 sums = self.world.mean(self.sums)  # a collective: every rank calls it
-                means = window_means(sums, window, done, self.folder.checkpoint, self.hint)
+                means = window_means(
+                    sums, window, done, self.folder.checkpoint, self.hint, self.names
+                )
             now = time.perf_counter()
             train_s += now - since
             if means is not None:
