@@ -25,7 +25,7 @@ fashion-mnist: $(STAMP)
 	  else $(BIN)/lvat data download fashion-mnist; fi; \
 	fi
 
-# The demo: Fashion-MNIST, 100 labels, on the CPU: sup / vat / lvat-vae / lvat-glow compared, the
+# The demo: Fashion-MNIST, 100 labels, on the CPU: sup / vat / lvat-vae compared, the
 # LVAT runs with the transformers lvat ships (src/lvat/weights/); one process per core.
 demo: fashion-mnist
 	$(BIN)/lvat data check fashion-mnist

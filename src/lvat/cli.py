@@ -445,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     gs.set_defaults(func=_cmd_gpu_study)
     dm = sub.add_parser(
         "demo",
-        help="Fashion-MNIST on CPU: sup/vat/lvat-vae/lvat-glow compared (shipped transformers)",
+        help="Fashion-MNIST on CPU: sup/vat/lvat-vae compared (the shipped VAE)",
     )
     dm.add_argument("--out", default="runs/demo", help="folder for the demo's runs")
     dm.add_argument(

@@ -1,9 +1,9 @@
 """`lvat demo`: what LVAT does, on a laptop CPU, in minutes.
 
-Fashion-MNIST (padded to 32x32), semi-supervised with 100 labels: `sup`, `vat`, `lvat-vae` and
-`lvat-glow` conv-small classifiers with the same budget (updates, batches, model, labeled subset,
-precision), the LVAT runs perturbing the latents of the transformers lvat ships ("fashion-mnist/vae"
-and "fashion-mnist/glow", src/lvat/weights/: no transformer is trained here). Then it prints the
+Fashion-MNIST (padded to 32x32), semi-supervised with 100 labels: the conv-small classifiers of
+`RUNS` with the same budget (updates, batches, model, labeled subset, precision), the LVAT runs
+perturbing the latents of the transformers lvat ships (src/lvat/weights/: no transformer is
+trained here). Then it prints the
 comparison and draws each regularized run's figures. The runs go to a pool of processes, one per
 core up to four, longest first; finished runs are skipped on a re-run. The budget is fixed by the
 constants below, chosen so the whole demo fits in 10 minutes on 2 CPU cores (see README: what it
@@ -32,7 +32,9 @@ BATCH_LABELED, BATCH_UNLABELED = 32, 32  # as the study: LVAT-Glow sets the pace
 # on validation (docs/results.md will replace them with its own once its eps search finishes).
 EPS = {"vat": 2.0, "lvat-vae": 0.5, "lvat-glow": 0.5}
 TRANSFORMERS = {"lvat-vae": "fashion-mnist/vae", "lvat-glow": "fashion-mnist/glow"}  # shipped
-RUNS = ("sup", "vat", "lvat-vae", "lvat-glow")  # the table's rows, in order
+# The table's rows, in order. lvat-glow is left out until the shipped Glow decodes perturbed
+# latents finitely: in the demo of 2026-12-02 its run stopped on a NaN loss within 50 updates.
+RUNS = ("sup", "vat", "lvat-vae")
 COST = {"sup": 1, "vat": 3, "lvat-vae": 4, "lvat-glow": 8}  # relative step time: longest first
 FIGURE_SAMPLES = 1000
 MAX_WORKERS = 4
@@ -66,7 +68,7 @@ def _check_transformers() -> None:
     """Every shipped transformer the demo perturbs is there, before anything runs."""
     from lvat.models.transformers import WEIGHTS_ENV, resolve_transformer
 
-    for name in TRANSFORMERS.values():
+    for name in (TRANSFORMERS[r] for r in RUNS if r in TRANSFORMERS):
         try:
             resolve_transformer(name)
         except LvatError:
