@@ -9,8 +9,10 @@ import pytest
 import torch
 from test_flows import randomize_
 
+from lvat.models import glow as glow_module
 from lvat.models.flows import ActNorm
 from lvat.models.glow import Glow, floor_ste, glow_loss, nonfinite_decode_rate
+from lvat.regularizers import LVAT
 
 pytestmark = pytest.mark.numerics
 
@@ -183,6 +185,37 @@ def test_nonfinite_decode_rate_is_zero(coupling: str) -> None:
     torch.manual_seed(0)
     glow = randomize_(Glow(**TINY, coupling=coupling))
     assert nonfinite_decode_rate(glow, images(16, 3, 8, 8), eps=1.0) == 0.0
+
+
+@pytest.mark.parametrize("coupling", ["affine", "sigmoid"])
+def test_reverse_saturates_instead_of_overflowing(coupling: str, monkeypatch) -> None:
+    torch.manual_seed(0)
+    glow = randomize_(Glow(**TINY, coupling=coupling)).eval()
+    x = images(4, 3, 8, 8)
+    with torch.no_grad():
+        y, z = glow.encode(x, deterministic=True)
+        assert torch.equal(glow.decode((y, z)), glow.quantize(x))  # real latents: untouched
+        assert glow.last_saturated.tolist() == [False] * 4
+        # A latent far off the manifold (what an inverse that expands e^15 per layer makes of a
+        # small step, in a deep trained flow): finite, in [0, 1], flagged, instead of NaN.
+        far = (y.clone(), z.clone())
+        far[1][2:] += 1e36 * torch.randn_like(z[2:])  # samples 2 and 3 only
+        out = glow.decode(far)
+        assert torch.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
+        assert glow.last_saturated.tolist() == [False, False, True, True]
+        assert torch.equal(out[:2], glow.quantize(x[:2]))
+        monkeypatch.setattr(glow_module, "REVERSE_BOUND", math.inf)  # without the bound: NaN
+        assert not torch.isfinite(glow.decode(far)).all()
+
+
+def test_lvat_reports_saturated_adversarial_decodes() -> None:
+    torch.manual_seed(0)
+    glow = randomize_(Glow(**TINY))
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 5))
+    x = images(6, 3, 8, 8)
+    for eps, share in ((1.0, 0.0), (1e36, 1.0)):
+        loss, stats = LVAT(glow, eps=eps).loss_and_stats(model, x)
+        assert torch.isfinite(loss) and stats["saturated_decode"].item() == share
 
 
 def test_nonfinite_decode_rate_detects_nan() -> None:

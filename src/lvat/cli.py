@@ -215,7 +215,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from lvat.experiments.sweep import parse_shard, sweep
 
-    failed = sweep(args.file, shard=parse_shard(args.shard), dry_run=args.dry_run)
+    failed = sweep(args.file, shard=parse_shard(args.shard), dry_run=args.dry_run, only=args.only)
     if failed:
         print(f"lvat: {failed} job(s) failed; fix them and re-run to continue", file=sys.stderr)
     return 1 if failed else 0
@@ -427,6 +427,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="0/1",
         metavar="I/N",
         help="run only jobs I, I+N, I+2N, ... (0 <= I < N), to spread over machines",
+    )
+    sw.add_argument(
+        "--only",
+        default="",
+        metavar="GLOB",
+        help="run only the jobs whose run folder matches, e.g. 'lvat-glow/*100_*' (before --shard)",
     )
     sw.set_defaults(func=_cmd_sweep)
     from lvat.experiments.gpu_study import GpuStudyOptions

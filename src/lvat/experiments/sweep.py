@@ -21,7 +21,8 @@ A sweep file (TOML) lists the transformers to train first and the classifier run
 
 Every job is skipped when finished (results.json), resumed when interrupted (checkpoint.pt),
 started otherwise. `--shard i/n` runs jobs i, i+n, i+2n, ... so a grid spreads over machines;
-a run whose transformer is not trained yet is left for a later pass.
+`--only GLOB` keeps the jobs whose run folder matches (a part of the grid first); a run whose
+transformer is not trained yet is left for a later pass.
 
 Before running, a sweep prints its time estimate: the updates still to run times the seconds an
 update took in the finished runs of the same config file (their results.json), or the file's
@@ -30,6 +31,7 @@ update took in the finished runs of the same config file (their results.json), o
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import itertools
 import json
@@ -257,11 +259,25 @@ def parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
-def sweep(path: str | Path, *, shard: tuple[int, int] = (0, 1), dry_run: bool = False) -> int:
-    """Run (or with `dry_run` list) this shard's jobs; return the number that failed."""
+def sweep(
+    path: str | Path,
+    *,
+    shard: tuple[int, int] = (0, 1),
+    dry_run: bool = False,
+    only: str = "",
+) -> int:
+    """Run (or with `dry_run` list) this shard's jobs; return the number that failed.
+
+    `only`: a glob; just the jobs whose run folder contains a match (e.g. "lvat-glow/*100_*"),
+    before sharding. The estimate still covers the whole sweep.
+    """
     jobs = plan(path)
-    mine = jobs[shard[0] :: shard[1]]
-    print(f"{path}: {len(jobs)} jobs, {len(mine)} in shard {shard[0]}/{shard[1]}")
+    chosen = [j for j in jobs if fnmatch.fnmatch(j.out.as_posix(), f"*{only}*")] if only else jobs
+    if not chosen:
+        raise ConfigError(f"--only {only!r} matches none of the {len(jobs)} run folders of {path}")
+    mine = chosen[shard[0] :: shard[1]]
+    picked = f" ({len(chosen)} match --only {only!r})" if only else ""
+    print(f"{path}: {len(jobs)} jobs{picked}, {len(mine)} in shard {shard[0]}/{shard[1]}")
     priors = _priors(read_file(Path(path)), Path(path))
     print(estimate(jobs, priors).line(shard[1]) + " (whole sweep)", flush=True)
     failed = 0

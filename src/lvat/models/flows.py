@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 # Authors' coupling: scale = exp(clip(log_scale, -15, 15)). The clamp bounds every coupling's
-# expansion to e^15 per layer in *both* directions, which is what keeps Dec(Enc(x) + r) finite
-# for perturbed latents that the flow never saw in training.
+# expansion to e^15 per layer in *both* directions; over many layers that can still overflow
+# float32 on perturbed latents the flow never saw, hence `glow.REVERSE_BOUND` in Glow's inverse.
 LOG_SCALE_CLAMP = 15.0
 COUPLINGS = ("affine", "sigmoid")
 
@@ -128,8 +128,8 @@ class AffineCoupling(nn.Module):
     ``coupling="affine"`` (default, the authors' code): log_scale = clamp(h, -15, 15).
     ``coupling="sigmoid"`` (the bounded variant of OpenAI's Glow): log_scale = log sigmoid(h + 2),
     so the forward map never expands; we still clamp it at -15 so that ``reverse`` (which divides
-    by the scale) expands by at most e^15 per layer. In both cases the clamp is the guard that
-    keeps decoding of perturbed latents finite.
+    by the scale) expands by at most e^15 per layer. Per layer only: a deep inverse can still
+    overflow, which `Glow`'s saturating reverse (`glow.REVERSE_BOUND`) guards against.
 
     Args:
         num_channels: C (even or odd; x1 gets the first C // 2 channels).

@@ -38,6 +38,18 @@ Latent = tuple[torch.Tensor, torch.Tensor]  # (y, z)
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
+# The inverse of a flow expands wherever the forward map contracts: each reverse coupling divides
+# by its scale (down to e^-15), so a latent off the data manifold can grow by ~1e4 per step and
+# overflow float32 within a level, and inf - inf then turns the decoded image into NaN. LVAT's
+# adversary seeks exactly such directions (the shipped Fashion-MNIST Glow, eps 0.5: 1 sample of 32
+# reached 1e34 after 10 training updates). So `reverse` saturates: before and after every flow
+# step each activation is clamped to +-REVERSE_BOUND, ~500x the largest activation any real image
+# produces (19.7 over 5,120 Fashion-MNIST images, shipped Glow). Encode -> decode of real data never
+# reaches it, so decode(encode(x)) == quantize(x) still holds exactly; a latent that does reach it
+# decodes to a finite, saturated image (pixels 0 or 1 where the value ran away), with zero
+# gradient through the clamped activations, instead of NaN (docs/method.md, "Glow").
+REVERSE_BOUND = 1e4
+
 
 def floor_ste(x: torch.Tensor) -> torch.Tensor:
     """floor(x) in the forward pass, identity gradient (straight-through), as the authors."""
@@ -77,10 +89,23 @@ class GlowLevel(nn.Module):
         hz, _ = self.factor_out(h)
         return hz, logdet
 
-    def reverse(self, hz: Latent) -> torch.Tensor:
+    def reverse(self, hz: Latent, saturated: torch.Tensor | None = None) -> torch.Tensor:
+        """(h, z) -> x, every activation into and out of a flow step clamped to +-REVERSE_BOUND.
+
+        ``saturated``: an optional (B,) bool tensor, set in place for each sample where the clamp
+        was reached.
+        """
         h = self.factor_out.reverse(hz)
+
+        def bounded(t: torch.Tensor) -> torch.Tensor:
+            if saturated is not None:
+                with torch.no_grad():
+                    saturated.logical_or_((t.abs() >= REVERSE_BOUND).flatten(1).any(1))
+            return t.clamp(-REVERSE_BOUND, REVERSE_BOUND)
+
+        h = bounded(h)
         for step in reversed(self.steps):
-            h = step.reverse(h)
+            h = bounded(step.reverse(h))
         return self.squeeze.reverse(h)
 
     @torch.no_grad()
@@ -118,6 +143,7 @@ class Glow(nn.Module):
         coupling: str = "affine",
     ) -> None:
         super().__init__()
+        self.last_saturated: torch.Tensor | None = None  # set by `reverse`
         height, width_px = (
             (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         )
@@ -179,11 +205,18 @@ class Glow(nn.Module):
         return (h, torch.cat(zs, dim=1)), logdet
 
     def reverse(self, latent: Latent) -> torch.Tensor:
-        """Inverse flow: (y, z) -> x~. Differentiable w.r.t. both groups."""
+        """Inverse flow: (y, z) -> x~. Differentiable w.r.t. both groups.
+
+        Saturating (`REVERSE_BOUND`); ``last_saturated`` then holds, per sample of this call,
+        whether any activation reached the bound (LVAT reports its mean for the adversarial
+        decode as the training stat "saturated_decode").
+        """
         y, z = latent
         h = y
+        saturated = torch.zeros(y.shape[0], dtype=torch.bool, device=y.device)
         for level, z_i in zip(reversed(self.levels), reversed(self.split_z(z)), strict=True):
-            h = level.reverse((h, z_i))
+            h = level.reverse((h, z_i), saturated)
+        self.last_saturated = saturated
         return h
 
     def split_z(self, z: torch.Tensor) -> list[torch.Tensor]:

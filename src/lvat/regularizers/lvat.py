@@ -155,6 +155,11 @@ class LVAT:
         )
         if out.stats is not None:
             out.stats["nonfinite_latent"] = (~finite).float().mean()
+            # A saturating decoder (Glow: `glow.REVERSE_BOUND`) flags the samples whose last
+            # decode, x_adv's, ran away off the data manifold and was clamped.
+            saturated = getattr(t, "last_saturated", None)
+            if isinstance(saturated, Tensor) and saturated.shape[:1] == x.shape[:1]:
+                out.stats["saturated_decode"] = saturated.float().mean()
         return z, out
 
     def perturbation(self, model: nn.Module, x: Tensor) -> Latent:

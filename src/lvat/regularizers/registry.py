@@ -22,9 +22,9 @@ The `Regularizer` protocol, one signature for every method::
 
 - `loss`: the 0-d consistency cost on the unlabeled batch `x` (weighted by `method.alpha`).
 - `stats`: an open dict of detached 0-d tensors. The training loop logs the keys of
-  `lvat.train.step.STATS` ("kl", "entropy", "adv_l2", "zero_direction", "nonfinite_latent"); a
-  key the regularizer does not report counts as 0 there, and keys outside that list are not
-  logged.
+  `lvat.train.step.STATS` ("kl", "entropy", "adv_l2", "zero_direction", "nonfinite_latent",
+  "saturated_decode"); a key the regularizer does not report counts as 0 there, and keys outside
+  that list are not logged.
 - `cached`: values computed once before training and looked up per batch, by keyword. The rule:
   every regularizer accepts `**cached` and uses the keywords it knows, ignoring the others; a
   value of None means "not cached: compute it". Today there is one, `z`: encode(x) from the

@@ -21,9 +21,19 @@ from lvat.regularizers import Latent, Regularizer
 # The rows of `train_step`'s result. zero_direction: the fraction of the unlabeled batch whose
 # perturbation vanished (`lvat.regularizers.common.zero_direction`); 0 without a regularizer.
 # nonfinite_latent: the fraction whose transformer latent was not finite (LVAT; `window_means`
-# names it when the loss turns NaN). A regularizer's stats are an open dict: a row it does not
-# report is 0, other keys are not kept.
-STATS = ("loss", "ce", "kl", "entropy", "adv_l2", "zero_direction", "nonfinite_latent")
+# names it when the loss turns NaN). saturated_decode: the fraction whose adversarial decode left
+# the data manifold so far that a saturating decoder clamped it (LVAT-Glow, `glow.REVERSE_BOUND`).
+# A regularizer's stats are an open dict: a row it does not report is 0, other keys are not kept.
+STATS = (
+    "loss",
+    "ce",
+    "kl",
+    "entropy",
+    "adv_l2",
+    "zero_direction",
+    "nonfinite_latent",
+    "saturated_decode",
+)
 
 
 def autocast(
