@@ -45,11 +45,11 @@ def tiny_budget(tmp_path, monkeypatch) -> None:
 )
 def test_demo_runs_its_methods_in_two_processes_and_prints_the_table(tiny_budget, tmp_path, capsys):
     rows = demo.demo(tmp_path / "demo", workers=2)
-    assert [r["method"] for r in rows] == list(demo.RUNS) and "lvat-vae" in demo.RUNS
+    assert [r["method"] for r in rows] == list(demo.RUNS) == ["sup", "vat", "lvat-vae", "lvat-glow"]
     assert all(0 <= r["test_error"] <= 100 and r["validation_error"] is not None for r in rows)
     out = capsys.readouterr().out
     assert "2 process(es)" in out and "| method | eps | test error % |" in out
-    assert "| lvat-vae | 0.5 |" in out and "| sup | - |" in out
+    assert "| lvat-vae | 0.5 |" in out and "| lvat-glow | 0.5 |" in out and "| sup | - |" in out
     for run in (r for r in demo.RUNS if r != "sup"):
         assert (tmp_path / "demo" / run / "figures" / "fig2_adv_distance.png").stat().st_size > 0
     config = (tmp_path / "demo" / "lvat-vae" / "config.toml").read_text()

@@ -13,7 +13,7 @@ from conftest import read_jsonl
 from lvat.config import Config, TrainConfig, load_config, to_flags
 from lvat.data import Batch
 from lvat.errors import ConfigError
-from lvat.models import VAE, build_classifier, load_transformer, save_transformer
+from lvat.models import VAE, Glow, build_classifier, load_transformer, save_transformer
 from lvat.regularizers import LVAT, VAT
 from lvat.regularizers.common import full_precision, no_tf32_convs
 from lvat.train import fast, train
@@ -64,18 +64,23 @@ def test_auto_means_bf16_and_channels_last_where_bf16_is_fast(native_bf16, monke
     monkeypatch.setattr("lvat.environment.native_bf16", lambda: native_bf16)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     on_cpu = (
-        fast.FastPath(torch.bfloat16, True, False)
+        fast.FastPath(torch.bfloat16, True, False, True)
         if native_bf16
-        else fast.FastPath(None, False, False)
+        else fast.FastPath(None, False, False, True)
     )
     assert fast.resolve(TrainConfig(), cpu) == on_cpu
-    assert fast.resolve(TrainConfig(), cuda) == fast.FastPath(torch.bfloat16, True, False)
+    assert fast.resolve(TrainConfig(), cuda) == fast.FastPath(torch.bfloat16, True, False, True)
     forced = TrainConfig(amp="bf16", channels_last="on", compile=True)
-    assert fast.resolve(forced, cpu) == fast.FastPath(torch.bfloat16, True, True)
+    assert fast.resolve(forced, cpu) == fast.FastPath(torch.bfloat16, True, True, True)
     assert fast.resolve(TrainConfig(amp="off", channels_last="off"), cuda).amp_dtype is None
-    # float32 on a CPU: channels-last only when asked for (it gains nothing there)
-    assert fast.resolve(TrainConfig(amp="off"), cpu) == fast.FastPath(None, False, False)
-    assert fast.resolve(TrainConfig(amp="bf16"), cpu) == fast.FastPath(torch.bfloat16, True, False)
+    # float32 on a CPU: the classifier channels-last only when asked for (it gains nothing
+    # there), the transformer unless "off"
+    assert fast.resolve(TrainConfig(amp="off"), cpu) == fast.FastPath(None, False, False, True)
+    assert fast.resolve(TrainConfig(amp="bf16"), cpu) == fast.FastPath(
+        torch.bfloat16, True, False, True
+    )
+    pinned = TrainConfig(amp="off", channels_last="off")  # the study's: both layouts NCHW
+    assert fast.resolve(pinned, cpu) == fast.FastPath(None, False, False, False)
     # LVAT: auto stays float32 on every device (bf16 trained worse); asking for bf16 still works
     for device in (cpu, cuda):
         assert fast.resolve(TrainConfig(), device, "lvat").amp_dtype is None
@@ -255,6 +260,30 @@ def test_full_precision_turns_off_autocast_and_tf32_and_restores_them():
     with no_tf32_convs():  # the CUDA branch of full_precision; the flag exists on CPU builds
         assert torch.backends.cudnn.allow_tf32 is False
     assert torch.backends.cudnn.allow_tf32 == before
+
+
+def test_a_channels_last_transformer_decodes_and_perturbs_as_the_dense_one():
+    torch.manual_seed(0)
+    glow = Glow(in_channels=1, image_size=16, n_levels=2, n_steps=2, width=16)
+    for p in glow.parameters():  # away from the identity init, so every coupling acts
+        p.data.add_(0.05 * torch.randn_like(p))
+    x = _images(6, c=1, size=16)
+    dense_latent = glow.encode(x, deterministic=True)
+    dense_x = glow.decode(dense_latent)
+    model = _classifier(1)
+    fast.apply(model, LVAT(glow, eps=1.0), fast.FastPath(None, False, False, True))
+    assert (
+        glow.levels[0]
+        .steps[0]
+        .coupling.zero_conv.weight.is_contiguous(memory_format=torch.channels_last)
+    )
+    latent = glow.encode(x, deterministic=True)
+    for a, b in zip(latent, dense_latent, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert torch.equal(glow.decode(latent), dense_x)  # exact: decode re-quantises
+    # the training stats run (and stay finite) with the NHWC transformer
+    loss, stats = LVAT(glow, eps=1.0).loss_and_stats(model.eval(), x)
+    assert torch.isfinite(loss) and stats["adv_l2"] > 0
 
 
 def test_compile_wraps_the_classifier_and_decode_in_place():

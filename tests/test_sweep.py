@@ -80,6 +80,14 @@ def test_shards_partition_the_jobs(grid, monkeypatch, capsys):
             parse_shard(bad)
 
 
+def test_only_runs_the_matching_part_of_the_grid_before_sharding(grid, monkeypatch, capsys):
+    monkeypatch.chdir(grid)
+    sweep("grid.toml", only="vat/*", shard=(0, 2))
+    assert {str(j.out) for j in plan("grid.toml") if j.status == "done"} == {"runs/cfg/vat/seed0"}
+    with pytest.raises(ConfigError, match="--only 'lvat' matches none of the 4 run folders"):
+        sweep("grid.toml", only="lvat", dry_run=True)
+
+
 def test_bad_sweep_files_are_clear_errors(tmp_path):
     (tmp_path / "a.toml").write_text('[[runs]]\nconfigs = ["nothing/*.toml"]\n')
     with pytest.raises(ConfigError, match="no config file matches"):

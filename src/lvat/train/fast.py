@@ -47,13 +47,19 @@ class FastPath:
     """The resolved fast-path switches of a run."""
 
     amp_dtype: torch.dtype | None  # autocast dtype of the classifier passes; None = float32
-    channels_last: bool
+    channels_last: bool  # the classifier's layout
     compile: bool
+    transformer_channels_last: bool = False  # the (frozen, float32) VAE/Glow's layout
 
     def describe(self) -> dict:
         """JSON-ready summary for results.json and the benchmark."""
         amp = "off" if self.amp_dtype is None else str(self.amp_dtype).removeprefix("torch.")
-        return {"amp": amp, "channels_last": self.channels_last, "compile": self.compile}
+        return {
+            "amp": amp,
+            "channels_last": self.channels_last,
+            "compile": self.compile,
+            "transformer_channels_last": self.transformer_channels_last,
+        }
 
 
 def bf16_is_fast(device: torch.device) -> bool:
@@ -71,23 +77,30 @@ AUTO_FLOAT32 = frozenset({"lvat"})
 def resolve(tc: TrainConfig, device: torch.device, method: str = "") -> FastPath:
     """`auto`: amp is bf16 where bf16 is fast (`bf16_is_fast`), unless `method` (the config's
     method.name) is one of `AUTO_FLOAT32`; channels_last is on for CUDA and wherever amp is
-    bf16."""
+    bf16 for the classifier, and everywhere for LVAT's transformer."""
     cuda = device.type == "cuda"
     auto_bf16 = tc.amp == "auto" and bf16_is_fast(device) and method not in AUTO_FLOAT32
     amp_dtype = torch.bfloat16 if tc.amp == "bf16" or auto_bf16 else None
     # oneDNN's bf16 convolutions want NHWC too: on a CPU, channels-last pays only under bf16.
     nhwc = cuda or amp_dtype is not None
     channels_last = tc.channels_last == "on" or (tc.channels_last == "auto" and nhwc)
-    return FastPath(amp_dtype, channels_last, tc.compile)
+    # The transformer runs in float32 even on a CPU without bf16, and there its few-channel
+    # convolutions (Glow's couplings: 2 -> 128 -> 128 -> 4 channels at 16 x 16) are 2-4x faster
+    # in NHWC: an LVAT-Glow step 1.3x, LVAT-VAE unchanged (AMD EPYC, AVX2, 1 thread).
+    transformer_nhwc = tc.channels_last != "off"
+    return FastPath(amp_dtype, channels_last, tc.compile, transformer_nhwc)
 
 
 def apply(model: nn.Module, regularizer: Regularizer | None, fast: FastPath) -> nn.Module:
-    """Set the classifier's layout and compile it (in place: state_dict keys stay the same)."""
+    """Set the layouts of the classifier and of the regularizer's transformer, and compile them
+    (in place: state_dict keys stay the same)."""
+    transformer = getattr(regularizer, "transformer", None)
     if fast.channels_last:
         model.to(memory_format=torch.channels_last)  # 4-D weights only; Linear stays as is
+    if fast.transformer_channels_last and isinstance(transformer, nn.Module):
+        transformer.to(memory_format=torch.channels_last)
     if fast.compile:
         model.compile()
-        transformer = getattr(regularizer, "transformer", None)
         if isinstance(transformer, nn.Module):
             # An instance attribute shadows the method; encode stays eager (it is cheap or cached).
             transformer.decode = torch.compile(transformer.decode)
