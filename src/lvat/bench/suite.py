@@ -62,8 +62,9 @@ NAIVE_TARGET = {"cuda": 2.0}  # elsewhere: not slower (1.0)
 CPU_FAST_TARGETS = {"vat": (1.3, 1.8), "lvat-glow": (1.3, 1.8)}
 _F32 = fast.FastPath(None, False, False)
 NOTE = (
-    "VAE and Glow are randomly initialised (Glow: ActNorm initialised on one batch) and images "
-    "are random: a training step costs the same with trained weights and real data."
+    "VAE and Glow are randomly initialised (Glow: ActNorm initialised on one batch) unless "
+    "--transformers names trained weights, and images are random: a training step costs the "
+    "same with trained weights and real data."
 )
 _REFERENCE = "sup"  # the reference row "sup-N": this method on all N = labeled + unlabeled images
 
@@ -395,14 +396,17 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = print) -> dict:
         "models": {},
     }
     total = opts.batch_labeled + opts.batch_unlabeled
-    # "+f32": the same row on plain float32, where the fast path is anything else
-    f32 = (
-        ["", "+f32"] if opts.float32 and (fp.amp_dtype, fp.channels_last) != (None, False) else [""]
+    # "+f32": the same row on plain float32 (both layouts NCHW), where the fast path is anything
+    # else; the transformer's layout counts for the LVAT rows only
+    plain = (fp.amp_dtype, fp.channels_last) == (None, False)
+    f32 = ["", "+f32"] if opts.float32 and not plain else [""]
+    f32_lvat = (
+        ["", "+f32"] if opts.float32 and not (plain and not fp.transformer_channels_last) else [""]
     )
     plan = [(_reference(total) + v, "ours") for v in f32]
     for m in opts.methods:
         entry, kind = parse_row(m)
-        plan += [(m + v, "ours") for v in f32]
+        plan += [(m + v, "ours") for v in (f32 if kind is None else f32_lvat)]
         if opts.cache_latents and kind is not None:
             plan.append((f"{m}+cache", "ours"))
         if opts.exact and entry.regularized:
@@ -475,7 +479,7 @@ def _run_row(
         if not setting.fast.compile:
             raise
         torch._dynamo.reset()
-        setting.fast = fast.FastPath(setting.fast.amp_dtype, setting.fast.channels_last, False)
+        setting.fast = replace(setting.fast, compile=False)
         row = _run_row(setting, method, impl, total, warmup, repeats, steps)
         row.notes.insert(0, f"torch.compile failed ({type(exc).__name__}: {exc}"[:200] + "); eager")
         return row

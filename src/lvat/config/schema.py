@@ -148,7 +148,7 @@ class TrainConfig:
     layout tensor cores and oneDNN's bf16 kernels want. auto: on for CUDA and under bf16 amp,
     off otherwise (float32 CPU convolutions of the classifier gain nothing from it). LVAT's
     transformer is channels-last unless this is "off": its few-channel float32 convolutions
-    make an LVAT-Glow step 1.3x faster on a CPU."""
+    make LVAT-Glow and LVAT-VAE steps 1.2x faster on a CPU (bench/cpu-transformer-layout.json)."""
     compile: bool = False
     """torch.compile the classifier and the transformer's decode (not the autograd.grad call
     around them). Pays on GPUs for long runs; the first steps then take minutes to compile."""

@@ -86,7 +86,8 @@ def resolve(tc: TrainConfig, device: torch.device, method: str = "") -> FastPath
     channels_last = tc.channels_last == "on" or (tc.channels_last == "auto" and nhwc)
     # The transformer runs in float32 even on a CPU without bf16, and there its few-channel
     # convolutions (Glow's couplings: 2 -> 128 -> 128 -> 4 channels at 16 x 16) are 2-4x faster
-    # in NHWC: an LVAT-Glow step 1.3x, LVAT-VAE unchanged (AMD EPYC, AVX2, 1 thread).
+    # in NHWC: LVAT-Glow and LVAT-VAE steps 1.2x faster (bench/cpu-transformer-layout.json, AMD
+    # EPYC without AVX-512, 1 thread).
     transformer_nhwc = tc.channels_last != "off"
     return FastPath(amp_dtype, channels_last, tc.compile, transformer_nhwc)
 
