@@ -208,13 +208,15 @@ def test_reverse_saturates_instead_of_overflowing(coupling: str, monkeypatch) ->
         assert not torch.isfinite(glow.decode(far)).all()
 
 
-def test_lvat_reports_saturated_adversarial_decodes() -> None:
+@pytest.mark.parametrize("power_method", ["finite-difference", "exact"])
+def test_lvat_reports_saturated_adversarial_decodes(power_method: str) -> None:
     torch.manual_seed(0)
     glow = randomize_(Glow(**TINY))
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 5))
     x = images(6, 3, 8, 8)
     for eps, share in ((1.0, 0.0), (1e36, 1.0)):
-        loss, stats = LVAT(glow, eps=eps).loss_and_stats(model, x)
+        reg = LVAT(glow, eps=eps, power_method=power_method)
+        loss, stats = reg.loss_and_stats(model, x)
         assert torch.isfinite(loss) and stats["saturated_decode"].item() == share
 
 
