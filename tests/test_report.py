@@ -342,3 +342,23 @@ def test_the_convergence_check_reads_the_last_20_percent_of_each_curve(tmp_path)
     report = summarize([read_run(p) for p in find_runs([tmp_path / "runs"])])
     exact = next(c for c in report.cells if c.row == "VAT exact")
     assert exact.mean_curve() == ([800, 1000], [pytest.approx(29.65), pytest.approx(29.0)])
+
+
+def test_the_compute_section_adds_up_core_hours_per_row_and_names_the_hardware(tmp_path):
+    # Three VAT runs: 1,800 s on 1 thread, 900 s on 2 threads, 3,600 s of 1 thread on a GPU box
+    # where threads do not count; 1,000 updates each: 1.5 core-hours, median 1.8 core-s/update.
+    runs = [
+        (1800.0, {"device": "cpu", "cpu": "EPYC", "torch_threads": 1}),
+        (900.0, {"device": "cpu", "cpu": "EPYC", "torch_threads": 2}),
+        (1800.0, {"device": "cuda", "cpu": "Xeon", "gpu": "H200", "torch_threads": 8}),
+    ]
+    for seed, (wall, hw) in enumerate(runs):
+        folder = tmp_path / "runs" / f"s{seed}"
+        _run_files(folder, seed, 30.0)
+        results = json.loads((folder / "results.json").read_text())
+        results |= {"wall_time_s": wall, "steps": 1000, "processes": 1, "hardware": hw}
+        (folder / "results.json").write_text(json.dumps(results))
+    assert main(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep.md").read_text()
+    assert "| VAT | 3 | 1.50 | 1.80 | EPYC (2), H200 (1) |" in md
+    assert "In all: 3 finished runs, 1.50 core-hours." in md

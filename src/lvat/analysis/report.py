@@ -82,6 +82,13 @@ class RunInfo:
     kind: str = ""  # the transformer's kind ("vae"), "" without one or if unknown
     amp: str = ""  # the precision the run resolved ("off", "bfloat16"), from results.json
     curve: list[tuple[int, float]] = field(default_factory=list)  # (step, error) of eval.jsonl
+    core_s: float | None = None  # wall time x threads x processes of a finished run
+    steps: int = 0  # updates of a finished run
+    cpu: str = ""  # the hardware it ran on: CPU model (and code path) or GPU name
+
+    @property
+    def core_s_per_update(self) -> float | None:
+        return self.core_s / self.steps if self.core_s is not None and self.steps else None
 
     @property
     def last_change(self) -> float | None:
@@ -225,6 +232,15 @@ def read_run(path: Path, metric: str = "test") -> RunInfo:
     )
     if info.error is None:
         info.progress = _progress(path, config)
+    elif isinstance(results.get("wall_time_s"), int | float):
+        hw = results.get("hardware", {})
+        threads = int(hw.get("torch_threads", 1)) if hw.get("device") == "cpu" else 1
+        info.core_s = float(results["wall_time_s"]) * threads * int(results.get("processes", 1))
+        info.steps = int(results.get("steps", 0))
+        path_name = hw.get("cpu_code_path", {}).get("aten_capability", "")
+        info.cpu = str(hw.get("gpu") or hw.get("cpu", "?")) + (
+            f" ({path_name})" if path_name else ""
+        )
     return info
 
 
@@ -506,7 +522,35 @@ def to_markdown(report: Report, metric: str = "test") -> str:
     lines += [
         f"- {r.path}: {r.row}, {column_label(r.column)}, {r.progress}" for r in report.unfinished
     ] or ["- none"]
+    lines += compute_lines(report)
     return "\n".join(lines) + "\n"
+
+
+def compute_lines(report: Report) -> list[str]:
+    """What the finished runs cost: core-hours (wall time x threads) per method row, the median
+    core-seconds per update, and the hardware they ran on."""
+    runs = [r for c in report.cells for r in c.runs if r.core_s is not None]
+    if not runs:
+        return []
+    by_row: dict[str, list[RunInfo]] = defaultdict(list)
+    for r in runs:
+        by_row[r.row].append(r)
+    lines = [
+        "",
+        "## Compute (finished runs; core-hours = wall time × threads)",
+        "",
+        "| method | runs | core-hours | core-s per update (median) | hardware (runs) |",
+        "|---|---|---|---|---|",
+    ]
+    for row, rs in by_row.items():
+        per = [u for r in rs if (u := r.core_s_per_update) is not None]
+        median = f"{statistics.median(per):.2f}" if per else "—"
+        hw = ", ".join(f"{cpu} ({n})" for cpu, n in Counter(r.cpu for r in rs).most_common())
+        core_h = sum(r.core_s for r in rs) / 3600
+        lines.append(f"| {row} | {len(rs)} | {core_h:.2f} | {median} | {hw} |")
+    total = sum(r.core_s for r in runs) / 3600
+    lines += ["", f"In all: {len(runs)} finished runs, {total:.2f} core-hours."]
+    return lines
 
 
 def convergence_lines(report: Report, metric: str = "test") -> list[str]:
