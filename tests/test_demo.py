@@ -43,6 +43,12 @@ def tiny_budget(tmp_path, monkeypatch) -> None:
     not FMNIST.is_dir() and not os.environ.get("LVAT_REQUIRE_DATA"),
     reason="apt-get install dataset-fashion-mnist (make test does it)",
 )
+def test_a_bad_demo_learning_rate_is_refused_before_any_run(tmp_path):
+    with pytest.raises(LvatError, match="--lr 0.0: give a positive learning rate"):
+        demo.demo(tmp_path / "demo", lr=0.0)
+    assert not (tmp_path / "demo").exists()
+
+
 def test_demo_runs_its_methods_in_two_processes_and_prints_the_table(tiny_budget, tmp_path, capsys):
     rows = demo.demo(tmp_path / "demo", workers=2)
     assert [r["method"] for r in rows] == list(demo.RUNS) == ["sup", "vat", "lvat-vae", "lvat-glow"]
@@ -54,6 +60,7 @@ def test_demo_runs_its_methods_in_two_processes_and_prints_the_table(tiny_budget
         assert (tmp_path / "demo" / run / "figures" / "fig2_adv_distance.png").stat().st_size > 0
     config = (tmp_path / "demo" / "lvat-vae" / "config.toml").read_text()
     assert 'amp = "off"' in config  # the same precision on every CPU
+    assert "lr = 0.001" in config  # the paper's, unless --lr says otherwise
     demo.demo(tmp_path / "demo", workers=1)  # a re-run skips every finished part
     assert capsys.readouterr().out.count("finished earlier, skipped") == len(demo.RUNS)
 

@@ -224,7 +224,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from lvat.experiments.demo import demo
 
-    demo(args.out, workers=args.workers)
+    demo(args.out, workers=args.workers, lr=args.lr)
     return 0
 
 
@@ -451,9 +451,12 @@ def build_parser() -> argparse.ArgumentParser:
     gs.set_defaults(func=_cmd_gpu_study)
     dm = sub.add_parser(
         "demo",
-        help="Fashion-MNIST on CPU: sup/vat/lvat-vae compared (the shipped VAE)",
+        help="Fashion-MNIST on CPU: sup/vat/lvat-vae/lvat-glow compared (shipped transformers)",
     )
     dm.add_argument("--out", default="runs/demo", help="folder for the demo's runs")
+    dm.add_argument(
+        "--lr", type=float, default=1e-3, help="Adam's learning rate of every run (paper: 1e-3)"
+    )
     dm.add_argument(
         "--workers",
         type=int,
