@@ -330,7 +330,7 @@ def test_eval_or_resume_of_a_fit_run_says_what_it_is(tmp_path, capsys):
 def test_a_multiline_lvat_error_is_printed_on_one_line(monkeypatch, capsys):
     import lvat.experiments.demo as demo
 
-    def fail(out, workers=None):
+    def fail(out, workers=None, lr=1e-3):
         raise LvatError(f"{out}: cannot write here\n  (read-only file system)")
 
     monkeypatch.setattr(demo, "demo", fail)
