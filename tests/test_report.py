@@ -219,7 +219,7 @@ def test_a_folder_without_runs_is_an_error(tmp_path, capsys):
 
 
 def test_find_runs_skips_the_abandoned_attempts_kept_inside_a_run(tmp_path):
-    from lvat.analysis.report import find_runs
+    from lvat.analysis.runs import find_runs
 
     run = tmp_path / "sweep" / "vat" / "seed0"
     for folder in (run, run / "abandoned-1"):
@@ -254,7 +254,8 @@ def _run_files(folder: Path, seed: int, error: float, amp: str = "off", **method
 
 
 def test_rows_split_by_power_method_and_paired_differences_per_seed(tmp_path):
-    from lvat.analysis.report import find_runs, paired, read_run, summarize
+    from lvat.analysis.report import paired, summarize
+    from lvat.analysis.runs import find_runs, read_run
 
     exact = [30.0, 28.0, 33.0]
     fd = [31.0, 30.5, 33.5]
@@ -291,7 +292,8 @@ def test_lvat_report_paired_prints_the_interval_and_refuses_unknown_rows(tmp_pat
 
 
 def test_rows_split_by_precision_only_where_a_row_ran_in_more_than_one(tmp_path):
-    from lvat.analysis.report import find_runs, read_run, summarize
+    from lvat.analysis.report import summarize
+    from lvat.analysis.runs import find_runs, read_run
 
     for s in range(2):
         _run_files(tmp_path / "f32" / f"s{s}", s, 30.0, power_method="exact")
@@ -303,7 +305,7 @@ def test_rows_split_by_precision_only_where_a_row_ran_in_more_than_one(tmp_path)
 
 
 def test_an_lvat_row_is_named_by_results_json_when_the_transformer_file_is_gone(tmp_path):
-    from lvat.analysis.report import read_run
+    from lvat.analysis.runs import read_run
 
     _run_files(tmp_path / "r", 0, 30.0, transformer="runs/fit/gone/checkpoint.pt")
     results = json.loads((tmp_path / "r" / "results.json").read_text())
@@ -337,7 +339,8 @@ def test_the_convergence_check_reads_the_last_20_percent_of_each_curve(tmp_path)
     assert float(rows["VAT exact"]["last_20pc_change"]) == pytest.approx(-0.65)
     assert (tmp_path / "rep_curves.png").stat().st_size > 0
 
-    from lvat.analysis.report import find_runs, read_run, summarize
+    from lvat.analysis.report import summarize
+    from lvat.analysis.runs import find_runs, read_run
 
     report = summarize([read_run(p) for p in find_runs([tmp_path / "runs"])])
     exact = next(c for c in report.cells if c.row == "VAT exact")

@@ -237,7 +237,8 @@ def test_a_run_naming_a_shipped_transformer_waits_until_that_name_is_installed(
 def test_a_committed_run_without_its_checkpoint_counts_as_finished(grid, monkeypatch, capsys):
     """Studies grow across machines: the small files of finished runs are committed (never
     checkpoints); a later sweep on another machine skips them and the report counts them."""
-    from lvat.analysis.report import find_runs, read_run, summarize
+    from lvat.analysis.report import summarize
+    from lvat.analysis.runs import find_runs, read_run
 
     monkeypatch.chdir(grid)
     assert sweep("grid.toml") == 0

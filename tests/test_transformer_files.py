@@ -79,7 +79,7 @@ def test_method_transformer_takes_a_name(toy_data, tmp_path, monkeypatch):
 
 
 def test_the_report_reads_the_kind_of_a_named_or_safetensors_transformer(tmp_path, monkeypatch):
-    from lvat.analysis.report import transformer_kind
+    from lvat.analysis.runs import transformer_kind
 
     monkeypatch.setenv("LVAT_WEIGHTS", str(tmp_path))
     (tmp_path / "toy").mkdir()

@@ -241,8 +241,9 @@ class RunFolder:
             os.replace(p, aside / p.name)
         names = ", ".join(p.name for p in leftovers)
         print(
-            f"note: {run} held files of an attempt that stopped before its first checkpoint; "
-            f"moved {names} to {aside} and starting afresh",
+            f"note: {run} held files of an attempt with no checkpoint to resume from (it stopped "
+            f"before its first, or its checkpoint stayed on another machine); moved {names} to "
+            f"{aside} and starting afresh",
             file=sys.stderr,
         )
 
