@@ -32,23 +32,31 @@ demo: fashion-mnist
 	$(BIN)/lvat demo --out runs/demo
 
 # docs/results.md: the study of configs/sweeps/fashion-mnist-study.toml (LVAT vs VAT, Fashion-MNIST,
-# 100 and 1,000 labels, 5 label seeds). Prints what is left and its time estimate, runs it in two
-# processes of one core each (finished runs, committed under results/study, are skipped; a stop
+# 100 and 1,000 labels, 5 label seeds), then its budget check at twice the updates
+# (configs/sweeps/fashion-mnist-budget.toml). Prints what is left and its time estimate, runs it in
+# two processes of one core each (finished runs, committed under results/, are skipped; a stop
 # loses at most 120 updates of a run), then redraws the reports from every finished run. About 15
-# core-hours in all: run it in the background and commit results/study as runs finish.
+# core-hours in all: run it in the background and commit results/ as runs finish.
 STUDY := configs/sweeps/fashion-mnist-study.toml
-SWEEP := OMP_NUM_THREADS=1 $(BIN)/lvat sweep $(STUDY)
+BUDGET := configs/sweeps/fashion-mnist-budget.toml
+SWEEP := OMP_NUM_THREADS=1 $(BIN)/lvat sweep
 .PHONY: results results-report
 results: fashion-mnist
 	$(BIN)/lvat sweep $(STUDY) --dry-run | head -n 2
-	$(SWEEP) --shard 0/2 & $(SWEEP) --shard 1/2; wait
+	$(BIN)/lvat sweep $(BUDGET) --dry-run | head -n 2
+	($(SWEEP) $(STUDY) --shard 0/2 && $(SWEEP) $(BUDGET) --shard 0/2) & \
+	($(SWEEP) $(STUDY) --shard 1/2 && $(SWEEP) $(BUDGET) --shard 1/2); wait
 	$(MAKE) results-report
 
-# The reports alone, from the finished runs under results/study (seconds): the eps search on
-# validation, and test error with curves and the convergence check.
+# The reports alone, from the finished runs under results/ (seconds): the eps search on
+# validation, test error with curves and the convergence check, and the budget check (the study's
+# runs beside the same settings at twice the updates, on validation).
 results-report: $(STAMP)
 	$(BIN)/lvat report results/study --metric validation --out docs/results/study-validation
 	$(BIN)/lvat report results/study --out docs/results/study
+	if [ -d results/budget ]; then $(BIN)/lvat report results/study results/budget \
+	  --metric validation --out docs/results/budget \
+	  --paired "sup 2400 updates:sup 1200 updates"; fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -241,12 +241,14 @@ def test_the_paired_interval_is_the_t_interval_computed_by_hand():
     assert paired_interval([1.5]) is None
 
 
-def _run_files(folder: Path, seed: int, error: float, amp: str = "off", **method) -> None:
+def _run_files(
+    folder: Path, seed: int, error: float, amp: str = "off", train: dict | None = None, **method
+) -> None:
     import tomli_w
 
     folder.mkdir(parents=True)
     config = {"seed": seed, "data": {"name": "toy.npz", "num_labeled": 20, "split_seed": seed},
-              "method": {"name": "vat", "eps": 2.0, **method}}  # fmt: skip
+              "method": {"name": "vat", "eps": 2.0, **method}, "train": train or {}}  # fmt: skip
     (folder / "config.toml").write_text(tomli_w.dumps(config))
     (folder / "split.json").write_text(json.dumps({"num_train": 100, "num_labeled": 20}))
     results = {"method": "vat", "test_error": error, "amp": amp}
@@ -302,6 +304,24 @@ def test_rows_split_by_precision_only_where_a_row_ran_in_more_than_one(tmp_path)
     assert set(report.rows()) == {"VAT bf16", "VAT float32"}
     report = summarize([read_run(p) for p in find_runs([tmp_path / "f32"])])
     assert set(report.rows()) == {"VAT"}
+
+
+def test_runs_of_different_budgets_are_never_averaged_together(tmp_path):
+    from lvat.analysis.report import paired, summarize
+    from lvat.analysis.runs import find_runs, read_run
+
+    for s in range(2):
+        _run_files(tmp_path / "short" / f"s{s}", s, 30.0 + s, train={"steps": 1200})
+        _run_files(tmp_path / "long" / f"s{s}", s, 27.0 + 2 * s, train={"steps": 2400})
+    report = summarize([read_run(p) for p in find_runs([tmp_path])])
+    assert {c.row: (c.n, c.mean) for c in report.cells} == {
+        "VAT 1200 updates": (2, 30.5),
+        "VAT 2400 updates": (2, 28.0),
+    }
+    (pair,) = paired(report, "VAT 2400 updates", "VAT 1200 updates")
+    assert pair.diffs == [-3.0, -2.0]
+    report = summarize([read_run(p) for p in find_runs([tmp_path / "long"])])
+    assert report.rows() == ["VAT"]  # one budget: no suffix
 
 
 def test_an_lvat_row_is_named_by_results_json_when_the_transformer_file_is_gone(tmp_path):

@@ -1,5 +1,5 @@
-"""Analysis of finished runs: reading a run folder (`runs`), the paper's Table 3 (`report`), Figs. 2-4
-(`figures`), the direction diagnostic (`directions`)."""
+"""Analysis of finished runs: reading a run folder (`runs`), the paper's Table 3 (`report`),
+Figs. 2-4 (`figures`), the direction diagnostic (`directions`)."""
 
 from lvat.analysis.figures import make_figures
 from lvat.analysis.paper import TABLE3, Cell, paper_error

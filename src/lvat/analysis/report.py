@@ -6,7 +6,8 @@ of Table 3:
     rows     method: sup, VAT, LVAT-VAE, LVAT-Glow (LVAT if the transformer's kind is unknown),
              any registered method by its display name (`lvat.regularizers.METHODS`; "-KIND"
              with a transformer of a registered kind), "+Ent" with entropy minimisation, and
-             "eps=X" when one method was run at several eps
+             "eps=X" when one method was run at several eps (likewise power method, precision
+             and budget: "VAT exact", "sup 2400 updates")
     columns  dataset, augmentation, SSL (with its label count) or SL (every label)
 
 Each cell holds the mean and sample standard deviation (ddof=1) of the runs' test error and their
@@ -49,7 +50,6 @@ FLAT = 1.0  # a run has flattened when its last 20 % of updates moved its error 
 _SAME_WITHIN_CELL = (
     ("model", "name"),
     ("model", "top_bn"),
-    ("train", "steps"),
     ("method", "xi"),
     ("method", "latent_groups"),
     ("method", "transformer"),
@@ -154,11 +154,13 @@ def summarize(runs: list[RunInfo]) -> Report:
     """Group finished runs into cells and find the paper's cells that have none."""
     finished = [r for r in runs if r.error is not None]
     # A suffix only where one method row was run in more than one way: at more than one eps,
-    # power method ("exact", "xi=0.001") or precision ("bf16", "float32").
+    # power method ("exact", "xi=0.001"), precision ("bf16", "float32") or budget ("2400
+    # updates"): runs that differ in any of these are never averaged together.
     variants = (
         lambda r: f"eps={r.eps:g}" if r.eps is not None else "",
         lambda r: r.direction,
         lambda r: r.precision,
+        lambda r: r.budget,
     )
     seen: dict[tuple[str, int], set] = defaultdict(set)
     for r in finished:

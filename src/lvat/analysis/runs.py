@@ -76,6 +76,12 @@ class RunInfo:
         return f"xi={xi:g}" if isinstance(xi, int | float) else ""
 
     @property
+    def budget(self) -> str:
+        """The run's length as configured: "1200 updates"."""
+        steps = self.config.get("train", {}).get("steps")
+        return f"{steps} updates" if isinstance(steps, int) else ""
+
+    @property
     def precision(self) -> str:
         return "bf16" if self.amp == "bfloat16" else "float32" if self.amp == "off" else self.amp
 
