@@ -142,6 +142,29 @@ def test_the_study_sweep_pins_what_its_results_depend_on_and_searches_eps_on_see
         assert sorted(sups) == [0, 1, 2, 3, 4]
 
 
+def test_the_budget_check_is_the_study_at_twice_the_updates_and_nothing_else():
+    sweeps = Path(__file__).resolve().parents[1] / "configs" / "sweeps"
+    study = {}
+    for j in plan(sweeps / "fashion-mnist-study.toml"):
+        c = load_config(Config, j.config, j.flags)
+        study[j.config, c.data.num_labeled, c.seed, c.method.eps] = c
+    checks = [j for j in plan(sweeps / "fashion-mnist-budget.toml") if j.kind == "train"]
+    assert checks
+    for job in checks:
+        c = load_config(Config, job.config, job.flags)
+        twin = study[job.config, c.data.num_labeled, c.seed, c.method.eps]
+        assert (c.train.steps, c.train.decay_steps) == (
+            2 * twin.train.steps,
+            2 * twin.train.decay_steps,
+        )
+        assert c.train.steps * 4 // 5 % c.train.eval_every == 0  # the last-20 % check still works
+        for section in ("data", "model", "method"):
+            assert getattr(c, section) == getattr(twin, section)
+        same = {k: v for k, v in vars(c.train).items() if k not in ("steps", "decay_steps", "out")}
+        assert same == {k: v for k, v in vars(twin.train).items() if k in same}
+        assert (c.seed, str(c.out).startswith("results/budget")) == (twin.seed, True)
+
+
 def test_grid_runs_every_value_and_later_blocks_reuse_runs(grid, monkeypatch):
     monkeypatch.chdir(grid)
     (grid / "eps.toml").write_text(
