@@ -54,7 +54,7 @@ results: fashion-mnist
 results-report: $(STAMP)
 	$(BIN)/lvat report results/study --metric validation --out docs/results/study-validation
 	$(BIN)/lvat report results/study --out docs/results/study
-	if [ -d results/budget ]; then $(BIN)/lvat report results/study results/budget \
+	if find results/budget -name results.json 2>/dev/null | grep -q .; then $(BIN)/lvat report results/study results/budget \
 	  --metric validation --out docs/results/budget \
 	  --paired "sup 2400 updates:sup 1200 updates"; fi
 
