@@ -128,15 +128,16 @@ def test_the_study_sweep_pins_what_its_results_depend_on_and_searches_eps_on_see
             assert f"--method.transformer fashion-mnist/{job.config.stem[5:]}" in flags
     for labels in (100, 1000):
         for method in ("vat", "lvat-vae", "lvat-glow"):
-            mine = [(c.method.eps, c.seed) for j, c in zip(runs, cfgs, strict=True)
+            mine = [(None if j.pending else c.method.eps, c.seed)
+                    for j, c in zip(runs, cfgs, strict=True)
                     if j.config.stem == method and c.data.num_labeled == labels]  # fmt: skip
             searched = sorted(eps for eps, seed in mine if seed == 0)
             assert len(searched) >= 3  # an optimum inside the grid is bracketed
+            assert sorted(s for _, s in mine if s > 0) == [1, 2, 3, 4]  # four more label seeds
             chosen = {eps for eps, seed in mine if seed > 0}
-            assert len(chosen) <= 1 and chosen <= set(searched)
-            if chosen:  # once chosen: four more label seeds, never at an edge of the grid
-                assert sorted(s for e, s in mine if e in chosen) == [0, 1, 2, 3, 4]
-                assert searched[0] < min(chosen) < searched[-1]
+            assert len(chosen) == 1  # one eps for all four, chosen or still to choose (None)
+            if chosen != {None}:  # chosen: among the searched, never at an edge of the grid
+                assert chosen <= set(searched) and searched[0] < min(chosen) < searched[-1]
         sups = [c.seed for j, c in zip(runs, cfgs, strict=True)
                 if j.config.stem == "sup" and c.data.num_labeled == labels]  # fmt: skip
         assert sorted(sups) == [0, 1, 2, 3, 4]
@@ -298,3 +299,95 @@ def test_the_time_estimate_is_updates_times_the_measured_rate_or_the_prior(grid,
             (grid / "grid.toml").read_text() + '[seconds_per_step]\nvat = "slow"\n'
         )
         plan("bad.toml")
+
+
+CHOOSE = (
+    'out = "runs"\n'
+    '[[runs]]\nconfigs = ["cfg/vat.toml"]\nseeds = [0]\nseed_keys = ["seed", "data.split_seed"]\n'
+    'grid = { "data.num_labeled" = [20, 30], "method.eps" = [0.5, 1.0, 2.0] }\n'
+    '[[runs]]\nconfigs = ["cfg/vat.toml"]\nseeds = [1, 2]\n'
+    'seed_keys = ["seed", "data.split_seed"]\n'
+    'grid = { "data.num_labeled" = [20, 30] }\n'
+    'choose = { key = "method.eps", among = [0.5, 1.0, 2.0], seed = 0 }\n'
+)
+
+
+def _finish(run: Path, **results) -> None:
+    """As if the run had finished (a committed run: its results.json is what counts)."""
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "results.json").write_text(json.dumps(results))
+
+
+def test_choose_runs_more_seeds_at_the_value_with_the_lowest_validation_error(grid, monkeypatch):
+    monkeypatch.chdir(grid)
+    (grid / "choose.toml").write_text(CHOOSE)
+    jobs = plan("choose.toml")
+    later = jobs[6:]
+    assert len(jobs) == 10 and all(j.pending for j in later)  # placeholders, in place
+    assert all("search has finished (3 to go)" in j.pending for j in later)
+    base = Path("runs/cfg/vat")
+    # 20 labels: eps 1 is best on validation (test error would say eps 2: never used)
+    for eps, val, test in (("0.5", 30.0, 20.0), ("1", 25.0, 21.0), ("2", 27.0, 10.0)):
+        _finish(base / f"num_labeled20_eps{eps}" / "seed0", validation_error=val, test_error=test)
+    # 30 labels: the best is eps 0.5, the grid's edge: wait for a wider search
+    for eps, val in (("0.5", 20.0), ("1", 22.0), ("2", 24.0)):
+        _finish(base / f"num_labeled30_eps{eps}" / "seed0", validation_error=val)
+    jobs = plan("choose.toml")
+    assert [str(j.out) for j in jobs[6:8]] == [
+        "runs/cfg/vat/num_labeled20_eps1/seed1",
+        "runs/cfg/vat/num_labeled20_eps1/seed2",
+    ]
+    c = load_config(Config, jobs[6].config, jobs[6].flags)
+    assert (c.method.eps, c.seed, c.data.split_seed, c.data.num_labeled) == (1.0, 1, 1, 20)
+    assert not jobs[6].pending and jobs[6].status == "todo"
+    assert all("0.5, is at an edge of [0.5, 1.0, 2.0]" in j.pending for j in jobs[8:])
+    (grid / "edge.toml").write_text(CHOOSE.replace("seed = 0 }", "seed = 0, allow_edge = true }"))
+    assert [str(j.out) for j in plan("edge.toml")[8:]] == [
+        "runs/cfg/vat/num_labeled30_eps0.5/seed1",
+        "runs/cfg/vat/num_labeled30_eps0.5/seed2",
+    ]
+    _finish(base / "num_labeled20_eps1" / "seed0", test_error=1.0)  # no validation split
+    assert "has no validation error" in plan("choose.toml")[6].pending
+
+
+def test_bad_choose_tables_are_config_errors(grid, monkeypatch):
+    monkeypatch.chdir(grid)
+    among = "among = [0.5, 1.0, 2.0]"
+    bad = {
+        "key not also in grid": CHOOSE.replace('"data.num_labeled" = [20, 30] }\nchoose',
+                                               '"method.eps" = [1.0] }\nchoose'),
+        "expected": CHOOSE.replace(among, "among = 1.0"),
+        "not planned by an earlier block": CHOOSE.replace(among, "among = [1.0, 4.0]"),
+    }  # fmt: skip
+    for match, text in bad.items():
+        (grid / "bad.toml").write_text(text)
+        with pytest.raises(ConfigError, match=match):
+            plan("bad.toml")
+
+
+def test_a_sweep_starts_the_chosen_runs_once_its_search_has_finished(grid, monkeypatch, capsys):
+    monkeypatch.chdir(grid)
+    for f in ("sup", "vat"):  # a validation split to choose by
+        cfg = grid / "cfg" / f"{f}.toml"
+        cfg.write_text(
+            cfg.read_text().replace("num_labeled = 20\n", "num_labeled = 20\nnum_validation = 20\n")
+        )
+    (grid / "choose.toml").write_text(
+        'out = "runs"\n'
+        '[[runs]]\nconfigs = ["cfg/vat.toml"]\nseeds = [0]\n'
+        'grid = { "method.eps" = [0.5, 1.0] }\n'
+        '[[runs]]\nconfigs = ["cfg/vat.toml"]\nseeds = [1]\n'
+        'choose = { key = "method.eps", among = [0.5, 1.0], allow_edge = true }\n'
+    )
+    assert sweep("choose.toml", dry_run=True) == 0
+    assert (
+        "[waiting] train runs/cfg/vat/eps?/seed1: method.eps is chosen" in capsys.readouterr().out
+    )
+    assert sweep("choose.toml") == 0  # one pass: the search, then the chosen run
+    out = capsys.readouterr().out
+    assert out.count("[start]") == 3 and "[waiting]" not in out
+    results = {eps: Path(f"runs/cfg/vat/eps{eps}/seed0/results.json") for eps in ("0.5", "1")}
+    errors = {eps: json.loads(p.read_text())["validation_error"] for eps, p in results.items()}
+    best = min(errors, key=errors.get)  # ties: the first listed
+    assert Path(f"runs/cfg/vat/eps{best}/seed1/results.json").is_file()
+    assert sweep("choose.toml") == 0 and capsys.readouterr().out.count("[done]") == 3

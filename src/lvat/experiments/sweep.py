@@ -16,13 +16,24 @@ A sweep file (TOML) lists the transformers to train first and the classifier run
     grid = { "method.eps" = [1.0, 2.0] }          # optional: one run per value (and combination);
                                                   # out/<folder>/<config>/eps1/seed<k>
 
+    [[runs]]                                  # more seeds at the value an earlier block's
+    configs = ["configs/paper/svhn-ssl/vat.toml"]  # search chose: the lowest validation error
+    seeds = [1, 2, 3, 4]                          # of its seed-0 runs (never test error)
+    choose = { key = "method.eps", among = [1.0, 2.0, 4.0], seed = 0 }
+                                              # out/<folder>/<config>/eps2/seed<k>, once every
+                                              # candidate (eps1/seed0, ...) has finished and the
+                                              # best is not at an edge of `among` (else: waiting,
+                                              # "widen the grid"; allow_edge = true accepts it)
+
     [seconds_per_step]                        # optional: a prior for the time estimate,
     vat = 1.3                                 # core-seconds per update by config file stem
 
 Every job is skipped when finished (results.json), resumed when interrupted (checkpoint.pt),
 started otherwise. `--shard i/n` runs jobs i, i+n, i+2n, ... so a grid spreads over machines;
 `--only GLOB` keeps the jobs whose run folder matches (a part of the grid first); a run whose
-transformer is not trained yet is left for a later pass.
+transformer is not trained yet, or whose value is still to be chosen, waits: the sweep plans
+again after every run it finishes, so it starts them as soon as they can start (another shard's
+runs included), and leaves what still waits for a later `lvat sweep`.
 
 Before running, a sweep prints its time estimate: the updates still to run times the seconds an
 update took in the finished runs of the same config file (their results.json), or the file's
@@ -61,6 +72,7 @@ class Job:
     out: Path
     needs: list[Path] = field(default_factory=list)  # transformer checkpoints it reads
     steps: int = 0  # parameter updates of the whole run
+    pending: str = ""  # why its value cannot be chosen yet (a `choose` block); "" when known
 
     @property
     def cost_key(self) -> str:
@@ -70,6 +82,8 @@ class Job:
 
     @property
     def status(self) -> str:
+        if self.pending:
+            return "todo"
         if (self.out / RESULTS).is_file():
             return "done"
         return "partial" if (self.out / CHECKPOINT).is_file() else "todo"
@@ -116,10 +130,17 @@ def plan(path: str | Path) -> list[Job]:
         seed_keys = _list(block, "seed_keys", where, str) or ["seed"]
         flags = _list(block, "set", where, str)
         points = _grid(block.get("grid", {}), where)
+        choice = _choice(block.get("choose"), block.get("grid", {}), where)
         files = sorted({Path(f) for p in patterns for f in glob.glob(str(base / p))})
         if not files:
             raise ConfigError(f"{where}: no config file matches {patterns}")
         for file, (folder, point_flags), seed in itertools.product(files, points, seeds):
+            pending = ""
+            if choice is not None:
+                value, pending = choice.pick(seen, out / file.parent.name / file.stem, folder)
+                folder = "_".join(filter(None, [folder, choice.folder(value)]))
+                if not pending:  # a placeholder is validated at the config's own value
+                    point_flags = [*point_flags, *to_flags({choice.key: value})]
             # e.g. runs/table3/svhn-ssl/vat/seed0, or .../vat/num_labeled100_eps2/seed0
             run_out = out / file.parent.name / file.stem / folder / f"seed{seed}"
             seed_flags = to_flags(dict.fromkeys(seed_keys, seed))
@@ -131,8 +152,12 @@ def plan(path: str | Path) -> list[Job]:
             cfg = load_config(Config, file, job_flags)  # validates every run up front
             transformer = METHODS[cfg.method.name].needs_transformer
             needs = [_transformer_file(cfg.method.transformer)] if transformer else []
-            seen[run_out] = Job("train", file, job_flags, run_out, needs, cfg.train.steps)
-            jobs.append(seen[run_out])
+            job = Job("train", file, job_flags, run_out, needs, cfg.train.steps, pending)
+            if pending:  # a placeholder at its place in the list, so shards stay stable
+                jobs.append(job)
+                continue
+            seen[run_out] = job
+            jobs.append(job)
     return jobs
 
 
@@ -152,6 +177,75 @@ def _grid(grid: object, where: str) -> list[tuple[str, list[str]]]:
         folder = "_".join(f"{k.rsplit('.', 1)[-1]}{_text(v)}" for k, v in point.items())
         points.append((folder, to_flags(point)))
     return points
+
+
+@dataclass
+class _Choice:
+    """A `choose` table: run at the value of `key`, among `among`, whose seed-`seed` run (planned
+    by an earlier block) reached the lowest validation error."""
+
+    key: str
+    among: list
+    seed: int
+    allow_edge: bool
+
+    def folder(self, value: object) -> str:
+        return self.key.rsplit(".", 1)[-1] + ("?" if value is None else _text(value))
+
+    def pick(self, seen: dict[Path, Job], config_out: Path, folder: str) -> tuple[object, str]:
+        """(the chosen value, "") or (None, why it is not known yet)."""
+        errors = {}
+        for value in self.among:
+            sub = "_".join(filter(None, [folder, self.folder(value)]))
+            run = config_out / sub / f"seed{self.seed}"
+            if run not in seen:
+                raise ConfigError(
+                    f"choose: {run} is not planned by an earlier block of this sweep; search "
+                    f"{self.key} = {self.among} with seed {self.seed} there first"
+                )
+            try:
+                results = json.loads((run / RESULTS).read_text())
+            except (OSError, ValueError):
+                results = None  # not finished (or cut mid-write): wait
+            error = results.get("validation_error") if isinstance(results, dict) else None
+            if results is not None and not isinstance(error, int | float):
+                return (
+                    None,
+                    f"{run} has no validation error to choose by (data.num_validation = 0?)",
+                )
+            errors[value] = error
+        left = [v for v, e in errors.items() if e is None]
+        if left:
+            return None, f"{self.key} is chosen once its search has finished ({len(left)} to go)"
+        best = min(self.among, key=lambda v: errors[v])  # ties: the first listed
+        ranked = sorted(self.among)
+        if not self.allow_edge and best in (ranked[0], ranked[-1]):
+            return None, (
+                f"the best {self.key} on validation, {_text(best)}, is at an edge of "
+                f"{ranked}: widen the search (or set allow_edge = true)"
+            )
+        return best, ""
+
+
+def _choice(spec: object, grid: dict, where: str) -> _Choice | None:
+    if spec is None:
+        return None
+    allowed = {"key", "among", "seed", "allow_edge"}
+    ok = isinstance(spec, dict) and set(spec) <= allowed and {"key", "among"} <= set(spec)
+    key, among = (spec.get("key"), spec.get("among")) if isinstance(spec, dict) else (None, None)
+    ok = ok and isinstance(key, str) and key not in grid and isinstance(among, list)
+    ok = ok and len(among or []) >= 1 and all(isinstance(v, int | float | str) for v in among)
+    ok = (
+        ok
+        and isinstance(spec.get("seed", 0), int)
+        and isinstance(spec.get("allow_edge", False), bool)
+    )
+    if not ok:
+        raise ConfigError(
+            f'{where}.choose: expected {{ key = "section.key", among = [value, ...], seed = 0 '
+            "} (key not also in grid; optional allow_edge = true)"
+        )
+    return _Choice(key, among, spec.get("seed", 0), spec.get("allow_edge", False))
 
 
 def _text(value: int | float | str) -> str:
@@ -272,31 +366,60 @@ def sweep(
     before sharding. The estimate still covers the whole sweep.
     """
     jobs = plan(path)
-    chosen = [j for j in jobs if fnmatch.fnmatch(j.out.as_posix(), f"*{only}*")] if only else jobs
-    if not chosen:
-        raise ConfigError(f"--only {only!r} matches none of the {len(jobs)} run folders of {path}")
-    mine = chosen[shard[0] :: shard[1]]
+    mine = _mine(jobs, shard, only, path)
+    chosen = [j for j in jobs if _matches(j, only)]
     picked = f" ({len(chosen)} match --only {only!r})" if only else ""
     print(f"{path}: {len(jobs)} jobs{picked}, {len(mine)} in shard {shard[0]}/{shard[1]}")
     priors = _priors(read_file(Path(path)), Path(path))
     print(estimate(jobs, priors).line(shard[1]) + " (whole sweep)", flush=True)
-    failed = 0
-    for job in mine:
-        missing = [p for p in job.needs if not _ready(p)]
-        state = "waiting" if missing and job.status != "done" else job.status
-        if dry_run or state == "done":
-            print(f"  [{state}] {job.name}")
-            continue
-        if missing:
-            print(f"  [waiting] {job.name}: needs {', '.join(map(str, missing))}; re-run later")
-            continue
-        print(f"  [{'resume' if state == 'partial' else 'start'}] {job.name}", flush=True)
+    if dry_run:
+        for job in mine:
+            print(f"  [{_state(job)}] {job.name}" + (f": {job.pending}" if job.pending else ""))
+        return 0
+    failed, tried, shown = 0, set(), set()
+    while True:  # plan again after every run: a search may have finished, a fit been written
+        for job in mine:
+            if job.out not in shown and _state(job) == "done":
+                shown.add(job.out)
+                print(f"  [done] {job.name}")
+        todo = [j for j in mine if _state(j) in ("todo", "partial") and j.out not in tried]
+        if not todo:
+            break
+        job = todo[0]
+        tried.add(job.out)
+        shown.add(job.out)
+        print(f"  [{'resume' if job.status == 'partial' else 'start'}] {job.name}", flush=True)
         t0 = time.perf_counter()
         try:
             _run(job)
         except LvatError as exc:
             failed += 1
             print(f"  [failed] {job.name}: {exc}", file=sys.stderr)
-            continue
-        print(f"  [done] {job.name} in {time.perf_counter() - t0:.0f} s", flush=True)
+        else:
+            print(f"  [done] {job.name} in {time.perf_counter() - t0:.0f} s", flush=True)
+        mine = _mine(plan(path), shard, only, path)
+    for job in mine:
+        if _state(job) == "waiting":
+            why = job.pending or "needs " + ", ".join(str(p) for p in job.needs if not _ready(p))
+            print(f"  [waiting] {job.name}: {why}; re-run later")
     return failed
+
+
+def _matches(job: Job, only: str) -> bool:
+    return not only or fnmatch.fnmatch(job.out.as_posix(), f"*{only}*")
+
+
+def _mine(jobs: list[Job], shard: tuple[int, int], only: str, path: str | Path) -> list[Job]:
+    chosen = [j for j in jobs if _matches(j, only)]
+    if not chosen:
+        raise ConfigError(f"--only {only!r} matches none of the {len(jobs)} run folders of {path}")
+    return chosen[shard[0] :: shard[1]]
+
+
+def _state(job: Job) -> str:
+    """done | partial | todo, or waiting (a value to choose, or a transformer not yet there)."""
+    if job.status == "done":
+        return "done"
+    if job.pending or any(not _ready(p) for p in job.needs):
+        return "waiting"
+    return job.status
