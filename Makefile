@@ -35,7 +35,8 @@ demo: fashion-mnist
 # 100 and 1,000 labels, 5 label seeds), then its budget check at twice the updates
 # (configs/sweeps/fashion-mnist-budget.toml). Prints what is left and its time estimate, runs it in
 # two processes of one core each (finished runs, committed under results/, are skipped; a stop
-# loses at most 120 updates of a run), then redraws the reports from every finished run. About 15
+# loses at most 120 updates of a run; the label seeds 1-4 start once the eps search they depend
+# on has finished, in either process), then redraws the reports from every finished run. About 15
 # core-hours in all: run it in the background and commit results/ as runs finish.
 STUDY := configs/sweeps/fashion-mnist-study.toml
 BUDGET := configs/sweeps/fashion-mnist-budget.toml
@@ -44,8 +45,8 @@ SWEEP := OMP_NUM_THREADS=1 $(BIN)/lvat sweep
 results: fashion-mnist
 	$(BIN)/lvat sweep $(STUDY) --dry-run | head -n 2
 	$(BIN)/lvat sweep $(BUDGET) --dry-run | head -n 2
-	($(SWEEP) $(STUDY) --shard 0/2 && $(SWEEP) $(BUDGET) --shard 0/2) & \
-	($(SWEEP) $(STUDY) --shard 1/2 && $(SWEEP) $(BUDGET) --shard 1/2); wait
+	($(SWEEP) $(STUDY) --shard 0/2 --wait 60 && $(SWEEP) $(BUDGET) --shard 0/2) & \
+	($(SWEEP) $(STUDY) --shard 1/2 --wait 60 && $(SWEEP) $(BUDGET) --shard 1/2); wait
 	$(MAKE) results-report
 
 # The reports alone, from the finished runs under results/ (seconds): the eps search on

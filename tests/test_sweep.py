@@ -391,3 +391,54 @@ def test_a_sweep_starts_the_chosen_runs_once_its_search_has_finished(grid, monke
     best = min(errors, key=errors.get)  # ties: the first listed
     assert Path(f"runs/cfg/vat/eps{best}/seed1/results.json").is_file()
     assert sweep("choose.toml") == 0 and capsys.readouterr().out.count("[done]") == 3
+
+
+def test_with_wait_a_shard_waits_for_the_search_another_shard_is_running(grid, monkeypatch, capsys):
+    import os
+    import subprocess
+    import time
+
+    monkeypatch.chdir(grid)
+    (grid / "choose.toml").write_text(
+        'out = "runs"\n'
+        '[[runs]]\nconfigs = ["cfg/vat.toml"]\nseeds = [0]\ngrid = { "method.eps" = [0.5, 1.0] }\n'
+        '[[runs]]\nconfigs = ["cfg/vat.toml"]\nseeds = [1]\n'
+        'choose = { key = "method.eps", among = [0.5, 1.0], allow_edge = true }\n'
+    )
+    # "another shard" runs both search runs: a live process holds their folders
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        for eps in ("0.5", "1"):
+            run = Path(f"runs/cfg/vat/eps{eps}/seed0")
+            run.mkdir(parents=True)
+            (run / ".lock").write_text(f"{other.pid}\n")
+        naps = []
+
+        def nap(seconds: float) -> None:  # the other shard finishes while we sleep
+            naps.append(seconds)
+            for eps, err in (("0.5", 40.0), ("1", 30.0)):
+                run = Path(f"runs/cfg/vat/eps{eps}/seed0")
+                (run / ".lock").unlink()
+                _finish(run, validation_error=err)
+
+        monkeypatch.setattr(time, "sleep", nap)
+        only = "seed1"  # this shard holds only the chosen run
+        assert sweep("choose.toml", only=only) == 0  # no --wait: returns, the run left waiting
+        assert "[waiting]" in capsys.readouterr().out and naps == []
+        assert sweep("choose.toml", only=only, wait=7.0) == 0
+        assert naps == [7.0]
+        assert Path("runs/cfg/vat/eps1/seed1/results.json").is_file()  # eps 1: lower validation
+        assert sweep("choose.toml", only=only, wait=7.0) == 0 and naps == [
+            7.0
+        ]  # nothing to wait on
+    finally:
+        other.kill()
+        other.wait()
+    from lvat.train.run_folder import in_use
+
+    lock = Path("runs/x/.lock")
+    lock.parent.mkdir(parents=True)
+    assert not in_use(lock.parent)  # no lock file
+    for text, busy in ((f"{os.getpid()}\n", False), (f"{other.pid}\n", False), ("", False)):
+        lock.write_text(text)  # our own, a dead process's (kill -9), one being written
+        assert in_use(lock.parent) is busy

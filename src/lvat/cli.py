@@ -215,7 +215,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from lvat.experiments.sweep import parse_shard, sweep
 
-    failed = sweep(args.file, shard=parse_shard(args.shard), dry_run=args.dry_run, only=args.only)
+    shard = parse_shard(args.shard)
+    failed = sweep(args.file, shard=shard, dry_run=args.dry_run, only=args.only, wait=args.wait)
     if failed:
         print(f"lvat: {failed} job(s) failed; fix them and re-run to continue", file=sys.stderr)
     return 1 if failed else 0
@@ -433,6 +434,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         metavar="GLOB",
         help="run only the jobs whose run folder matches, e.g. 'lvat-glow/*100_*' (before --shard)",
+    )
+    sw.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="when only waiting jobs are left while another process (shard) runs a job of this "
+        "sweep, plan again every SECONDS instead of returning",
     )
     sw.set_defaults(func=_cmd_sweep)
     from lvat.experiments.gpu_study import GpuStudyOptions

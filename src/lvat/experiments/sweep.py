@@ -33,7 +33,9 @@ started otherwise. `--shard i/n` runs jobs i, i+n, i+2n, ... so a grid spreads o
 `--only GLOB` keeps the jobs whose run folder matches (a part of the grid first); a run whose
 transformer is not trained yet, or whose value is still to be chosen, waits: the sweep plans
 again after every run it finishes, so it starts them as soon as they can start (another shard's
-runs included), and leaves what still waits for a later `lvat sweep`.
+runs included); with `--wait SECONDS` it also waits, planning again that often, while another
+process (another shard) runs what its waiting jobs need, and otherwise leaves them for a later
+`lvat sweep`.
 
 Before running, a sweep prints its time estimate: the updates still to run times the seconds an
 update took in the finished runs of the same config file (their results.json), or the file's
@@ -57,6 +59,7 @@ from lvat.config.core import read_file, to_flags
 from lvat.errors import ConfigError, LvatError
 from lvat.models.registry import KINDS
 from lvat.regularizers import METHODS
+from lvat.train.run_folder import in_use
 
 RESULTS, CHECKPOINT = "results.json", "checkpoint.pt"
 KEYS = ("out", "fit", "runs", "seconds_per_step")
@@ -359,12 +362,17 @@ def sweep(
     shard: tuple[int, int] = (0, 1),
     dry_run: bool = False,
     only: str = "",
+    wait: float = 0.0,
 ) -> int:
     """Run (or with `dry_run` list) this shard's jobs; return the number that failed.
 
     `only`: a glob; just the jobs whose run folder contains a match (e.g. "lvat-glow/*100_*"),
-    before sharding. The estimate still covers the whole sweep.
+    before sharding. The estimate still covers the whole sweep. `wait`: when only waiting jobs
+    are left while another process runs a job of this sweep (another shard's search or fit),
+    plan again every `wait` seconds instead of returning (0: return).
     """
+    if not wait >= 0:
+        raise ConfigError(f"--wait {wait}: expected seconds >= 0")
     jobs = plan(path)
     mine = _mine(jobs, shard, only, path)
     chosen = [j for j in jobs if _matches(j, only)]
@@ -384,7 +392,13 @@ def sweep(
                 print(f"  [done] {job.name}")
         todo = [j for j in mine if _state(j) in ("todo", "partial") and j.out not in tried]
         if not todo:
-            break
+            jobs = plan(path)
+            busy = wait > 0 and any(_state(j) == "waiting" for j in mine)
+            if not busy or not any(in_use(j.out) for j in jobs if j.status != "done"):
+                break
+            time.sleep(wait)  # another shard is running what the waiting jobs need
+            mine = _mine(plan(path), shard, only, path)
+            continue
         job = todo[0]
         tried.add(job.out)
         shown.add(job.out)

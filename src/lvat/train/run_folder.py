@@ -62,6 +62,24 @@ LOCK = ".lock"
 ABANDONED = "abandoned"
 
 
+def in_use(path: Path) -> bool:
+    """Whether a live process holds the run folder `path` open (its RUN/.lock names a running
+    pid). Read without taking the lock, so asking never makes a starting run fail."""
+    try:
+        pid = int((Path(path) / LOCK).read_text().strip())
+    except (OSError, ValueError):
+        return False  # no lock file (closed cleanly, never opened) or one being written
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False  # the file of a process killed with -9: stale
+    except PermissionError:
+        return True  # alive, another user's
+    return True
+
+
 def _os_error(exc: OSError) -> str:
     return exc.strerror or one_line(exc)
 
