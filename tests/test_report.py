@@ -385,3 +385,38 @@ def test_the_compute_section_adds_up_core_hours_per_row_and_names_the_hardware(t
     md = (tmp_path / "rep.md").read_text()
     assert "| VAT | 3 | 1.50 | 1.80 | EPYC (2), H200 (1) |" in md
     assert "In all: 3 finished runs, 1.50 core-hours." in md
+
+
+def test_chosen_keeps_each_columns_eps_with_the_most_runs_and_pairs_by_method(tmp_path, capsys):
+    """After an eps search (one seed per eps) and four more seeds at the chosen eps, the final
+    table has one row per method; a column whose search has not chosen yet is listed."""
+    from lvat.analysis.report import paired, summarize
+    from lvat.analysis.runs import find_runs, read_run
+
+    def run(name: str, seed: int, error: float, eps: float, labels: int = 20) -> None:
+        _run_files(tmp_path / name / f"s{seed}", seed, error, eps=eps)
+        cfg = tmp_path / name / f"s{seed}" / "config.toml"
+        cfg.write_text(cfg.read_text().replace("num_labeled = 20", f"num_labeled = {labels}"))
+        split = tmp_path / name / f"s{seed}" / "split.json"
+        split.write_text(json.dumps({"num_train": 100, "num_labeled": labels}))
+
+    for eps, err in ((1.0, 30.0), (2.0, 25.0), (4.0, 27.0)):  # the search, seed 0
+        run(f"vat{eps:g}", 0, err, eps)
+        run(f"wide{eps:g}", 0, err, eps, labels=40)  # 40 labels: searched, nothing chosen yet
+    for s, err in zip(range(1, 5), (24.0, 26.0, 25.5, 24.5), strict=True):  # eps 2, seeds 1-4
+        run("vat2", s, err, 2.0)
+    report = summarize([read_run(p) for p in find_runs([tmp_path])], chosen=True)
+    (cell,) = report.cells
+    assert (cell.row, cell.n, cell.mean) == ("VAT", 5, 25.0)
+    assert cell.text(False) == "25.00 ± 0.79 (n=5, eps=2)"
+    assert [(row, col[3]) for row, col in report.undecided] == [("VAT", 40)]
+    assert len(summarize([read_run(p) for p in find_runs([tmp_path])]).cells) == 6  # all eps
+    (pair,) = paired(report, "VAT", "VAT")
+    assert pair.diffs == [0.0] * 5
+    report = summarize([read_run(p) for p in find_runs([tmp_path / "wide1"])], chosen=True)
+    assert report.cells == [] and paired(report, "VAT", "VAT") == []  # not chosen: no pair yet
+    out = tmp_path / "rep"
+    assert main(["report", str(tmp_path), "--chosen", "--out", str(out)]) == 0
+    md = out.with_suffix(".md").read_text()
+    assert "| VAT | 25.00 ± 0.79 (n=5, eps=2) |\n" in md  # the 40-label column: undecided
+    assert "No eps chosen yet" in md and "- VAT, toy SSL (40 labels)" in md

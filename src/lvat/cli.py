@@ -119,7 +119,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         if not (sep and a.strip() and b.strip()):
             raise LvatError(f"--paired {text!r}: give two row names as 'ROW A:ROW B'")
         pairs.append((a.strip(), b.strip()))
-    report, markdown = write_report(args.run_dirs, args.out, args.metric, pairs)
+    report, markdown = write_report(args.run_dirs, args.out, args.metric, pairs, args.chosen)
     print(markdown, end="")
     n = sum(c.n for c in report.cells)
     print(
@@ -380,6 +380,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="'A:B'",
         help="also row A minus row B, seed by seed, with a 95%% confidence interval (repeatable;"
         " rows as printed, e.g. 'LVAT-VAE:VAT')",
+    )
+    rep.add_argument(
+        "--chosen",
+        action="store_true",
+        help="after an eps search: one row per method, each column at the eps with the most "
+        "finished runs (the chosen one, run with every seed), that eps shown in the cell",
     )
     rep.set_defaults(func=_cmd_report)
     fig = sub.add_parser(

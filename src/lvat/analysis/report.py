@@ -26,7 +26,7 @@ import csv
 import io
 import statistics
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lvat.analysis.paper import (
@@ -63,6 +63,7 @@ class CellSummary:
 
     row: str
     runs: list[RunInfo]
+    chosen_eps: bool = False  # `summarize(chosen=True)`: the row holds each column's chosen eps
 
     @property
     def first(self) -> RunInfo:
@@ -115,7 +116,7 @@ class CellSummary:
 
     def text(self, with_paper: bool = True) -> str:
         s = f"{self.mean:.2f}" + ("" if self.std is None else f" ± {self.std:.2f}")
-        s += f" (n={self.n})"
+        s += f" (n={self.n}" + (f", eps={self.first.eps:g})" if self.chosen_eps else ")")
         if with_paper and self.paper is not None:
             s += f" [paper {self.paper:g}]"
         return s
@@ -126,6 +127,7 @@ class Report:
     cells: list[CellSummary]  # finished runs, grouped
     missing: list[tuple[Cell, float]]  # the paper's cells with no finished run, and its value
     unfinished: list[RunInfo]
+    undecided: list[tuple[str, tuple]] = field(default_factory=list)  # chosen=True: no eps yet
 
     def columns(self) -> list[tuple[str, bool, str, int]]:
         cols = {c.first.column for c in self.cells}
@@ -150,18 +152,20 @@ def column_label(col: tuple[str, bool, str, int]) -> str:
     return label
 
 
-def summarize(runs: list[RunInfo]) -> Report:
-    """Group finished runs into cells and find the paper's cells that have none."""
+def summarize(runs: list[RunInfo], chosen: bool = False) -> Report:
+    """Group finished runs into cells and find the paper's cells that have none.
+
+    `chosen`: the table of a finished eps search, one row per method — in each column only the
+    eps with the most finished runs (the search ran every eps with one label seed, the chosen one
+    with all), shown in the cell ("n=5, eps=1"); a column where no eps has more runs than every
+    other, and at least two, is listed as undecided."""
     finished = [r for r in runs if r.error is not None]
     # A suffix only where one method row was run in more than one way: at more than one eps,
     # power method ("exact", "xi=0.001"), precision ("bf16", "float32") or budget ("2400
     # updates"): runs that differ in any of these are never averaged together.
-    variants = (
-        lambda r: f"eps={r.eps:g}" if r.eps is not None else "",
-        lambda r: r.direction,
-        lambda r: r.precision,
-        lambda r: r.budget,
-    )
+    variants = (_eps, lambda r: r.direction, lambda r: r.precision, lambda r: r.budget)
+    if chosen:
+        variants = variants[1:]  # eps moves into the group key, below
     seen: dict[tuple[str, int], set] = defaultdict(set)
     for r in finished:
         for i, variant in enumerate(variants):
@@ -169,21 +173,37 @@ def summarize(runs: list[RunInfo]) -> Report:
     groups: dict[tuple, list[RunInfo]] = defaultdict(list)
     for r in finished:
         suffix = [v(r) for i, v in enumerate(variants) if len(seen[r.row, i]) > 1]
-        groups[(" ".join([r.row, *suffix]), r.column)].append(r)
+        groups[(" ".join([r.row, *suffix]), r.column, _eps(r) if chosen else "")].append(r)
+    undecided = []
+    if chosen:
+        by_cell: dict[tuple, list[tuple]] = defaultdict(list)
+        for key in groups:
+            by_cell[key[:2]].append(key)
+        for cell, keys in by_cell.items():
+            sizes = sorted((len(groups[k]) for k in keys), reverse=True)
+            if sizes[0] < 2 or (len(sizes) > 1 and sizes[1] == sizes[0]):
+                undecided.append(cell)
+            for k in keys:
+                if len(groups[k]) < sizes[0] or cell in undecided:
+                    del groups[k]
 
     def order(key: tuple) -> tuple:
         r = groups[key][0]
         return (r.order, r.entropy, r.eps or 0.0, _column_order(key[1]))
 
     cells = [
-        CellSummary(k[0], sorted(groups[k], key=lambda r: str(r.path)))
+        CellSummary(k[0], sorted(groups[k], key=lambda r: str(r.path)), chosen_eps=bool(k[2]))
         for k in sorted(groups, key=order)
     ]
     missing = [
         (c, v) for c, v in _paper_cells_of(runs) if _key(c) not in {_key(r) for r in finished}
     ]
     unfinished = sorted((r for r in runs if r.error is None), key=lambda r: str(r.path))
-    return Report(cells, missing, unfinished)
+    return Report(cells, missing, unfinished, undecided)
+
+
+def _eps(r: RunInfo) -> str:
+    return f"eps={r.eps:g}" if r.eps is not None else ""
 
 
 def _key(x: RunInfo | Cell) -> tuple[Cell, int | None]:
@@ -247,10 +267,10 @@ def paired_interval(diffs: list[float], level: float = 0.95) -> tuple[float, flo
 
 def paired(report: Report, a: str, b: str) -> list[Paired]:
     """Row `a` minus row `b` per column, over the (seed, split_seed) pairs both have run."""
-    rows = set(report.rows())
+    rows = set(report.rows()) | {row for row, _ in report.undecided}  # undecided: no pair yet
     for name in (a, b):
         if name not in rows:
-            raise LvatError(f"--paired: no row {name!r}; rows: {', '.join(report.rows())}")
+            raise LvatError(f"--paired: no row {name!r}; rows: {', '.join(sorted(rows))}")
     out = []
     for col in report.columns():
         cells = {c.row: c for c in report.cells if c.first.column == col}
@@ -287,6 +307,9 @@ def to_markdown(report: Report, metric: str = "test") -> str:
         lines += [
             f"- {c.row}, {column_label(c.first.column)}: {', '.join(c.differ_in)}" for c in flagged
         ]
+    if report.undecided:
+        lines += ["", "No eps chosen yet (no eps has more finished runs than every other):"]
+        lines += [f"- {row}, {column_label(col)}" for row, col in report.undecided]
     lines += convergence_lines(report, metric)
     lines += ["", "## Missing cells (in the paper's Table 3, no finished run)", ""]
     running = Counter(_key(r) for r in report.unfinished)
@@ -412,6 +435,8 @@ def paired_markdown(pairs: list[Paired], metric: str = "test") -> str:
         "|---|---|---|",
     ]
     lines += [f"| {p.a} − {p.b} | {column_label(p.column)} | {p.text()} |" for p in pairs]
+    if not pairs:
+        lines[-2:] = ["None yet: no column has both rows (at a chosen eps) with a shared seed."]
     return "\n".join(lines) + "\n"
 
 
@@ -420,15 +445,17 @@ def write_report(
     prefix: str | Path = "report",
     metric: str = "test",
     pairs: list[tuple[str, str]] = (),
+    chosen: bool = False,
 ) -> tuple[Report, str]:
     """Read every run under `paths`, write PREFIX.md, PREFIX.csv and (when runs logged
     evaluations) PREFIX_curves.png; return report and Markdown.
     `metric`: "test" (Table 3) or "validation" (the held-out split, for choosing eps). `pairs`:
-    (row A, row B) whose per-seed differences get a 95% confidence interval."""
+    (row A, row B) whose per-seed differences get a 95% confidence interval. `chosen`: one row
+    per method at each column's chosen eps (`summarize`)."""
     if metric not in ("test", "validation"):
         raise LvatError(f"metric {metric!r}: use test or validation")
     runs = [read_run(p, metric) for p in find_runs(paths)]
-    report = summarize(runs)
+    report = summarize(runs, chosen)
     markdown = to_markdown(report, metric)
     if pairs:
         markdown += paired_markdown([p for a, b in pairs for p in paired(report, a, b)], metric)
