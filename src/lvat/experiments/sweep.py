@@ -233,22 +233,24 @@ class _Choice:
 def _choice(spec: object, grid: dict, where: str) -> _Choice | None:
     if spec is None:
         return None
-    allowed = {"key", "among", "seed", "allow_edge"}
-    ok = isinstance(spec, dict) and set(spec) <= allowed and {"key", "among"} <= set(spec)
-    key, among = (spec.get("key"), spec.get("among")) if isinstance(spec, dict) else (None, None)
-    ok = ok and isinstance(key, str) and key not in grid and isinstance(among, list)
-    ok = ok and len(among or []) >= 1 and all(isinstance(v, int | float | str) for v in among)
-    ok = (
-        ok
-        and isinstance(spec.get("seed", 0), int)
-        and isinstance(spec.get("allow_edge", False), bool)
-    )
-    if not ok:
+    spec = spec if isinstance(spec, dict) else {}
+    key, among = spec.get("key"), spec.get("among")
+    seed, allow_edge = spec.get("seed", 0), spec.get("allow_edge", False)
+    if not (
+        set(spec) <= {"key", "among", "seed", "allow_edge"}
+        and isinstance(key, str)
+        and key not in grid
+        and isinstance(among, list)
+        and among
+        and all(isinstance(v, int | float | str) for v in among)
+        and isinstance(seed, int)
+        and isinstance(allow_edge, bool)
+    ):
         raise ConfigError(
             f'{where}.choose: expected {{ key = "section.key", among = [value, ...], seed = 0 '
             "} (key not also in grid; optional allow_edge = true)"
         )
-    return _Choice(key, among, spec.get("seed", 0), spec.get("allow_edge", False))
+    return _Choice(key, among, seed, allow_edge)
 
 
 def _text(value: int | float | str) -> str:
@@ -392,12 +394,12 @@ def sweep(
                 print(f"  [done] {job.name}")
         todo = [j for j in mine if _state(j) in ("todo", "partial") and j.out not in tried]
         if not todo:
-            jobs = plan(path)
             busy = wait > 0 and any(_state(j) == "waiting" for j in mine)
             if not busy or not any(in_use(j.out) for j in jobs if j.status != "done"):
                 break
             time.sleep(wait)  # another shard is running what the waiting jobs need
-            mine = _mine(plan(path), shard, only, path)
+            jobs = plan(path)
+            mine = _mine(jobs, shard, only, path)
             continue
         job = todo[0]
         tried.add(job.out)
@@ -411,7 +413,8 @@ def sweep(
             print(f"  [failed] {job.name}: {exc}", file=sys.stderr)
         else:
             print(f"  [done] {job.name} in {time.perf_counter() - t0:.0f} s", flush=True)
-        mine = _mine(plan(path), shard, only, path)
+        jobs = plan(path)
+        mine = _mine(jobs, shard, only, path)
     for job in mine:
         if _state(job) == "waiting":
             why = job.pending or "needs " + ", ".join(str(p) for p in job.needs if not _ready(p))
