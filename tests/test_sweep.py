@@ -393,6 +393,31 @@ def test_a_sweep_starts_the_chosen_runs_once_its_search_has_finished(grid, monke
     assert sweep("choose.toml") == 0 and capsys.readouterr().out.count("[done]") == 3
 
 
+def test_with_wait_a_choice_only_an_edit_can_make_returns_at_once(grid, monkeypatch, capsys):
+    import sys
+    import time
+
+    sweep_module = sys.modules["lvat.experiments.sweep"]  # the package exports `sweep`, a function
+    monkeypatch.chdir(grid)
+    (grid / "choose.toml").write_text(CHOOSE)
+    base = Path("runs/cfg/vat")
+    for labels in (20, 30):  # both searches finished, eps 0.5 best: the grid's lower edge
+        for eps, val in (("0.5", 20.0), ("1", 22.0), ("2", 24.0)):
+            _finish(base / f"num_labeled{labels}_eps{eps}" / "seed0", validation_error=val)
+    monkeypatch.setattr(sweep_module, "in_use", lambda path: True)  # another process is busy
+
+    def nap(seconds: float) -> None:
+        raise AssertionError("waited for a choice that no run can make")
+
+    monkeypatch.setattr(time, "sleep", nap)
+    assert sweep("choose.toml", wait=7.0) == 0
+    out = capsys.readouterr().out
+    assert out.count("is at an edge of [0.5, 1.0, 2.0]") == 4
+    assert out.count("edit the sweep file, then re-run") == 4
+    jobs = plan("choose.toml")
+    assert all(j.stuck for j in jobs[6:]) and not any(j.stuck for j in jobs[:6])
+
+
 def test_with_wait_a_shard_waits_for_the_search_another_shard_is_running(grid, monkeypatch, capsys):
     import os
     import subprocess

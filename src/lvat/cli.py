@@ -447,7 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         metavar="SECONDS",
         help="when only waiting jobs are left while another process (shard) runs a job of this "
-        "sweep, plan again every SECONDS instead of returning",
+        "sweep, plan again every SECONDS instead of returning (not for a choice only an edit "
+        "of the sweep file can make)",
     )
     sw.set_defaults(func=_cmd_sweep)
     from lvat.experiments.gpu_study import GpuStudyOptions

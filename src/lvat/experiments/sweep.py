@@ -35,7 +35,8 @@ transformer is not trained yet, or whose value is still to be chosen, waits: the
 again after every run it finishes, so it starts them as soon as they can start (another shard's
 runs included); with `--wait SECONDS` it also waits, planning again that often, while another
 process (another shard) runs what its waiting jobs need, and otherwise leaves them for a later
-`lvat sweep`.
+`lvat sweep`. A choice no run can make (the finished search's best at an edge of `among`, or no
+validation error) never waits: it returns and says to edit the sweep file.
 
 Before running, a sweep prints its time estimate: the updates still to run times the seconds an
 update took in the finished runs of the same config file (their results.json), or the file's
@@ -76,6 +77,7 @@ class Job:
     needs: list[Path] = field(default_factory=list)  # transformer checkpoints it reads
     steps: int = 0  # parameter updates of the whole run
     pending: str = ""  # why its value cannot be chosen yet (a `choose` block); "" when known
+    stuck: bool = False  # pending until a person edits the sweep file: no run can end the wait
 
     @property
     def cost_key(self) -> str:
@@ -138,9 +140,11 @@ def plan(path: str | Path) -> list[Job]:
         if not files:
             raise ConfigError(f"{where}: no config file matches {patterns}")
         for file, (folder, point_flags), seed in itertools.product(files, points, seeds):
-            pending = ""
+            pending, stuck = "", False
             if choice is not None:
-                value, pending = choice.pick(seen, out / file.parent.name / file.stem, folder)
+                value, pending, stuck = choice.pick(
+                    seen, out / file.parent.name / file.stem, folder
+                )
                 folder = "_".join(filter(None, [folder, choice.folder(value)]))
                 if not pending:  # a placeholder is validated at the config's own value
                     point_flags = [*point_flags, *to_flags({choice.key: value})]
@@ -155,7 +159,7 @@ def plan(path: str | Path) -> list[Job]:
             cfg = load_config(Config, file, job_flags)  # validates every run up front
             transformer = METHODS[cfg.method.name].needs_transformer
             needs = [_transformer_file(cfg.method.transformer)] if transformer else []
-            job = Job("train", file, job_flags, run_out, needs, cfg.train.steps, pending)
+            job = Job("train", file, job_flags, run_out, needs, cfg.train.steps, pending, stuck)
             if pending:  # a placeholder at its place in the list, so shards stay stable
                 jobs.append(job)
                 continue
@@ -195,8 +199,11 @@ class _Choice:
     def folder(self, value: object) -> str:
         return self.key.rsplit(".", 1)[-1] + ("?" if value is None else _text(value))
 
-    def pick(self, seen: dict[Path, Job], config_out: Path, folder: str) -> tuple[object, str]:
-        """(the chosen value, "") or (None, why it is not known yet)."""
+    def pick(
+        self, seen: dict[Path, Job], config_out: Path, folder: str
+    ) -> tuple[object, str, bool]:
+        """(the chosen value, "", False) or (None, why it is not known yet, whether only an edit
+        of the sweep file can change that: the search has finished and cannot choose)."""
         errors = {}
         for value in self.among:
             sub = "_".join(filter(None, [folder, self.folder(value)]))
@@ -215,19 +222,22 @@ class _Choice:
                 return (
                     None,
                     f"{run} has no validation error to choose by (data.num_validation = 0?)",
+                    True,
                 )
             errors[value] = error
         left = [v for v, e in errors.items() if e is None]
         if left:
-            return None, f"{self.key} is chosen once its search has finished ({len(left)} to go)"
+            return (
+                None,
+                f"{self.key} is chosen once its search has finished ({len(left)} to go)",
+                False,
+            )
         best = min(self.among, key=lambda v: errors[v])  # ties: the first listed
         ranked = sorted(self.among)
         if not self.allow_edge and best in (ranked[0], ranked[-1]):
-            return None, (
-                f"the best {self.key} on validation, {_text(best)}, is at an edge of "
-                f"{ranked}: widen the search (or set allow_edge = true)"
-            )
-        return best, ""
+            edge = f"the best {self.key} on validation, {_text(best)}, is at an edge of {ranked}"
+            return None, f"{edge}: widen the search (or set allow_edge = true)", True
+        return best, "", False
 
 
 def _choice(spec: object, grid: dict, where: str) -> _Choice | None:
@@ -394,7 +404,8 @@ def sweep(
                 print(f"  [done] {job.name}")
         todo = [j for j in mine if _state(j) in ("todo", "partial") and j.out not in tried]
         if not todo:
-            busy = wait > 0 and any(_state(j) == "waiting" for j in mine)
+            # wait only for what another process can bring: a search run, a transformer fit
+            busy = wait > 0 and any(_state(j) == "waiting" and not j.stuck for j in mine)
             if not busy or not any(in_use(j.out) for j in jobs if j.status != "done"):
                 break
             time.sleep(wait)  # another shard is running what the waiting jobs need
@@ -418,7 +429,8 @@ def sweep(
     for job in mine:
         if _state(job) == "waiting":
             why = job.pending or "needs " + ", ".join(str(p) for p in job.needs if not _ready(p))
-            print(f"  [waiting] {job.name}: {why}; re-run later")
+            then = "edit the sweep file, then re-run" if job.stuck else "re-run later"
+            print(f"  [waiting] {job.name}: {why}; {then}")
     return failed
 
 
