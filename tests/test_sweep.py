@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -467,3 +468,40 @@ def test_with_wait_a_shard_waits_for_the_search_another_shard_is_running(grid, m
     for text, busy in ((f"{os.getpid()}\n", False), (f"{other.pid}\n", False), ("", False)):
         lock.write_text(text)  # our own, a dead process's (kill -9), one being written
         assert in_use(lock.parent) is busy
+
+
+def test_a_run_another_process_holds_is_skipped_not_failed(grid, monkeypatch, capsys):
+    """Two sweeps over overlapping jobs (shards, or --only globs that overlap): a run folder
+    another live process holds is neither resumed nor counted as failed, whether that is seen
+    when planning or only when the lock is taken (the other process started it in between)."""
+    import fcntl
+    import subprocess
+    import sys
+
+    sweep_module = sys.modules["lvat.experiments.sweep"]
+    monkeypatch.chdir(grid)
+    held = plan("grid.toml")[0]  # sup seed0: interrupted half-way, now run by "another process"
+    train(load_config(Config, held.config, held.flags), stop_at=2)
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        (held.out / ".lock").write_text(f"{other.pid}\n")
+        assert sweep("grid.toml", dry_run=True) == 0
+        assert f"[running] {held.name}: another process runs it" in capsys.readouterr().out
+        # a second folder is locked for real, but only after planning looked (a race)
+        raced = plan("grid.toml")[1]
+        raced.out.mkdir(parents=True)
+        fd = os.open(raced.out / ".lock", os.O_RDWR | os.O_CREAT)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        looked = sweep_module.in_use
+        monkeypatch.setattr(sweep_module, "in_use", lambda p: Path(p) != raced.out and looked(p))
+        try:
+            assert sweep("grid.toml") == 0  # nothing failed
+        finally:
+            os.close(fd)
+    finally:
+        other.kill()
+        other.wait()
+    out = capsys.readouterr().out
+    assert out.count("[running]") == 2 and "[resume]" not in out
+    assert held.status == "partial" and raced.status == "todo"  # left to their holders
+    assert [j.status for j in plan("grid.toml")[2:]] == ["done", "done"]

@@ -26,3 +26,7 @@ class ChecksumError(DatasetError):
 
 class SplitError(LvatError):
     """A labeled/validation split cannot be drawn, or belongs to another dataset."""
+
+
+class RunInUseError(LvatError):
+    """A run folder is held by another live process (its lock is taken)."""

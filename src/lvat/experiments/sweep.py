@@ -28,8 +28,9 @@ A sweep file (TOML) lists the transformers to train first and the classifier run
     [seconds_per_step]                        # optional: a prior for the time estimate,
     vat = 1.3                                 # core-seconds per update by config file stem
 
-Every job is skipped when finished (results.json), resumed when interrupted (checkpoint.pt),
-started otherwise. `--shard i/n` runs jobs i, i+n, i+2n, ... so a grid spreads over machines;
+Every job is skipped when finished (results.json) or held by another live process (its run
+folder's lock: two sweeps may overlap), resumed when interrupted (checkpoint.pt), started
+otherwise. `--shard i/n` runs jobs i, i+n, i+2n, ... so a grid spreads over machines;
 `--only GLOB` keeps the jobs whose run folder matches (a part of the grid first); a run whose
 transformer is not trained yet, or whose value is still to be chosen, waits: the sweep plans
 again after every run it finishes, so it starts them as soon as they can start (another shard's
@@ -57,7 +58,7 @@ from pathlib import Path
 
 from lvat.config import Config, load_config
 from lvat.config.core import read_file, to_flags
-from lvat.errors import ConfigError, LvatError
+from lvat.errors import ConfigError, LvatError, RunInUseError
 from lvat.models.registry import KINDS
 from lvat.regularizers import METHODS
 from lvat.train.run_folder import in_use
@@ -394,14 +395,17 @@ def sweep(
     print(estimate(jobs, priors).line(shard[1]) + " (whole sweep)", flush=True)
     if dry_run:
         for job in mine:
-            print(f"  [{_state(job)}] {job.name}" + (f": {job.pending}" if job.pending else ""))
+            state = _state(job)
+            note = f": {job.pending}" if job.pending else _ELSEWHERE if state == "running" else ""
+            print(f"  [{state}] {job.name}{note}")
         return 0
     failed, tried, shown = 0, set(), set()
     while True:  # plan again after every run: a search may have finished, a fit been written
         for job in mine:
-            if job.out not in shown and _state(job) == "done":
-                shown.add(job.out)
-                print(f"  [done] {job.name}")
+            state = _state(job)
+            if (job.out, state) not in shown and state in ("done", "running"):
+                shown.add((job.out, state))
+                print(f"  [{state}] {job.name}" + (_ELSEWHERE if state == "running" else ""))
         todo = [j for j in mine if _state(j) in ("todo", "partial") and j.out not in tried]
         if not todo:
             # wait only for what another process can bring: a search run, a transformer fit
@@ -414,11 +418,14 @@ def sweep(
             continue
         job = todo[0]
         tried.add(job.out)
-        shown.add(job.out)
+        shown.add((job.out, "done"))
         print(f"  [{'resume' if job.status == 'partial' else 'start'}] {job.name}", flush=True)
         t0 = time.perf_counter()
         try:
             _run(job)
+        except RunInUseError:  # another process took it between our look and our start
+            shown.add((job.out, "running"))
+            print(f"  [running] {job.name}{_ELSEWHERE}", flush=True)
         except LvatError as exc:
             failed += 1
             print(f"  [failed] {job.name}: {exc}", file=sys.stderr)
@@ -445,10 +452,16 @@ def _mine(jobs: list[Job], shard: tuple[int, int], only: str, path: str | Path) 
     return chosen[shard[0] :: shard[1]]
 
 
+_ELSEWHERE = ": another process runs it (another shard, or an overlapping --only); not counted"
+
+
 def _state(job: Job) -> str:
-    """done | partial | todo, or waiting (a value to choose, or a transformer not yet there)."""
+    """done | running (another live process holds its folder) | partial | todo, or waiting (a
+    value to choose, or a transformer not yet there)."""
     if job.status == "done":
         return "done"
     if job.pending or any(not _ready(p) for p in job.needs):
         return "waiting"
+    if in_use(job.out):
+        return "running"
     return job.status

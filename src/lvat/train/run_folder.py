@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lvat.errors import LvatError, one_line
+from lvat.errors import LvatError, RunInUseError, one_line
 from lvat.io import atomic_write_text, stale_temps
 from lvat.train import checkpoint as ckpt
 from lvat.train.monitor import MetricsLog, NonFiniteLoss, stop_advice
@@ -179,7 +179,7 @@ class RunFolder:
             except BlockingIOError:
                 pid = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
-                raise LvatError(
+                raise RunInUseError(
                     f"{self.path} is in use by another process (pid {pid}); wait for it to end "
                     "or pick another --out"
                 ) from None
