@@ -241,6 +241,18 @@ def test_the_paired_interval_is_the_t_interval_computed_by_hand():
     assert paired_interval([1.5]) is None
 
 
+def test_seeds_to_resolve_is_the_first_n_whose_interval_excludes_zero():
+    from lvat.analysis.report import seeds_to_exclude_zero
+
+    # mean 1, sd 2: t(0.975, n - 1) * 2 / sqrt(n) is 2.119905 * 2 / sqrt(17) = 1.0283 at n = 17
+    # and 2.109816 * 2 / sqrt(18) = 0.9946 at n = 18 (t from tables)
+    assert seeds_to_exclude_zero(1.0, 2.0) == 18
+    assert seeds_to_exclude_zero(-1.0, 2.0, start=10) == 18  # the sign does not matter
+    assert seeds_to_exclude_zero(1.0, 2.0, start=25) == 25  # never fewer than one has
+    assert seeds_to_exclude_zero(0.01, 2.0, cap=100) is None
+    assert seeds_to_exclude_zero(0.0, 2.0) is None
+
+
 def _run_files(
     folder: Path, seed: int, error: float, amp: str = "off", train: dict | None = None, **method
 ) -> None:
@@ -273,6 +285,9 @@ def test_rows_split_by_power_method_and_paired_differences_per_seed(tmp_path):
     lo, hi = pair.interval
     assert (lo, hi) == pytest.approx((-4 / 3 - 2.585573, -4 / 3 + 2.585573), abs=1e-5)
     assert not pair.resolved and "-1.33 [-3.92, +1.25] (n=3, not resolved)" in pair.text()
+    # at mean -4/3 and sd 1.040833: n = 4 gives t(0.975, 3) * sd / 2 = 3.182446 * 0.520417 =
+    # 1.656 > 4/3, n = 5 gives 2.776445 * 1.040833 / sqrt(5) = 1.292 < 4/3 (tables)
+    assert pair.seeds_to_resolve == 5
     with pytest.raises(LvatError, match="no row 'VAT'"):
         paired(report, "VAT", "VAT exact")
 
@@ -287,7 +302,7 @@ def test_lvat_report_paired_prints_the_interval_and_refuses_unknown_rows(tmp_pat
         == 0
     )
     row = "| VAT exact − VAT xi=1e-06 | toy SSL (20 labels) | -1.33 [-3.92, +1.25] (n=3, "
-    assert row + "not resolved) |" in out.with_suffix(".md").read_text()
+    assert row + "not resolved) | 5 |" in out.with_suffix(".md").read_text()
     capsys.readouterr()
     assert main(["report", str(tmp_path), "--out", str(out), "--paired", "VAT"]) == 2
     assert "give two row names" in capsys.readouterr().err

@@ -246,6 +246,16 @@ class Paired:
         ci = self.interval
         return ci is not None and (ci[0] > 0 or ci[1] < 0)
 
+    @property
+    def seeds_to_resolve(self) -> int | None:
+        """A planning number for an unresolved pair: the fewest seeds at which today's mean and
+        sd would give an interval that excludes 0 (None when resolved or not estimable). Not a
+        power calculation: a fresh study of that size resolves a true difference of this mean
+        only about half the time."""
+        if self.resolved or self.n < 2 or self.mean == 0:
+            return None
+        return seeds_to_exclude_zero(self.mean, statistics.stdev(self.diffs), self.n)
+
     def text(self) -> str:
         ci = self.interval
         span = "—" if ci is None else f"[{ci[0]:+.2f}, {ci[1]:+.2f}]"
@@ -263,6 +273,22 @@ def paired_interval(diffs: list[float], level: float = 0.95) -> tuple[float, flo
     half = t.ppf(0.5 + level / 2, n - 1) * statistics.stdev(diffs) / n**0.5
     mean = statistics.fmean(diffs)
     return mean - half, mean + half
+
+
+def seeds_to_exclude_zero(
+    mean: float, sd: float, start: int = 2, level: float = 0.95, cap: int = 1000
+) -> int | None:
+    """The smallest n >= start with t(level, n - 1) * sd / sqrt(n) < |mean|: how many paired
+    seeds a difference of this mean and spread needs before its t-interval excludes 0. None
+    above `cap` (or for a zero mean)."""
+    from scipy.stats import t
+
+    if mean == 0:
+        return None
+    for n in range(max(start, 2), cap + 1):
+        if t.ppf(0.5 + level / 2, n - 1) * sd / n**0.5 < abs(mean):
+            return n
+    return None
 
 
 def paired(report: Report, a: str, b: str) -> list[Paired]:
@@ -431,10 +457,20 @@ def paired_markdown(pairs: list[Paired], metric: str = "test") -> str:
         "",
         f"## Paired differences in {metric} error (points; per seed, A − B; 95% t-interval)",
         "",
-        "| A − B | column | difference |",
-        "|---|---|---|",
+        "| A − B | column | difference | seeds to resolve at this mean and sd |",
+        "|---|---|---|---|",
     ]
-    lines += [f"| {p.a} − {p.b} | {column_label(p.column)} | {p.text()} |" for p in pairs]
+    for p in pairs:
+        need = p.seeds_to_resolve
+        plan = "—" if p.resolved or p.n < 2 else f"{need}" if need else "more than 1,000"
+        lines.append(f"| {p.a} − {p.b} | {column_label(p.column)} | {p.text()} | {plan} |")
+    if pairs:
+        lines += [
+            "",
+            "Seeds to resolve: the fewest paired seeds at which today's mean and sd would give "
+            "an interval that excludes 0 (a planning number, not a power calculation: a study of "
+            "that size resolves a true difference of this size only about half the time).",
+        ]
     if not pairs:
         lines[-2:] = ["None yet: no column has both rows (at a chosen eps) with a shared seed."]
     return "\n".join(lines) + "\n"
