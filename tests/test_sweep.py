@@ -167,6 +167,25 @@ def test_the_budget_check_is_the_study_at_twice_the_updates_and_nothing_else():
         assert (c.seed, str(c.out).startswith("results/budget")) == (twin.seed, True)
 
 
+def test_the_extra_seeds_are_the_studys_chosen_runs_with_new_seeds_and_nothing_else():
+    sweeps = Path(__file__).resolve().parents[1] / "configs" / "sweeps"
+    study = {}
+    for j in plan(sweeps / "fashion-mnist-study.toml"):
+        c = load_config(Config, j.config, j.flags)
+        study[j.config, c.data.num_labeled, c.method.eps, c.seed] = (j, c)
+    extra = [j for j in plan(sweeps / "fashion-mnist-more-seeds.toml") if j.kind == "train"]
+    assert extra
+    for job in extra:
+        c = load_config(Config, job.config, job.flags)
+        assert c.seed >= 5 and c.data.split_seed == c.seed
+        # its twin: a study run with label seed 1 at the same eps, i.e. at the study's choice
+        twin_job, twin = study[job.config, c.data.num_labeled, c.method.eps, 1]
+        assert not twin_job.pending
+        assert c.method == twin.method and c.model == twin.model and c.train == twin.train
+        assert vars(c.data) == {**vars(twin.data), "split_seed": c.seed}
+        assert job.out.parent == twin_job.out.parent  # beside the study's runs: one report cell
+
+
 def test_grid_runs_every_value_and_later_blocks_reuse_runs(grid, monkeypatch):
     monkeypatch.chdir(grid)
     (grid / "eps.toml").write_text(
