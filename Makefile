@@ -32,21 +32,26 @@ demo: fashion-mnist
 	$(BIN)/lvat demo --out runs/demo
 
 # docs/results.md: the study of configs/sweeps/fashion-mnist-study.toml (LVAT vs VAT, Fashion-MNIST,
-# 100 and 1,000 labels, 5 label seeds), then its budget check at twice the updates
+# 100 and 1,000 labels, 5 label seeds), then label seeds 5 and 6 for VAT and LVAT-Glow with 100
+# labels (configs/sweeps/fashion-mnist-more-seeds.toml), then its budget check at twice the updates
 # (configs/sweeps/fashion-mnist-budget.toml). Prints what is left and its time estimate, runs it in
 # two processes of one core each (finished runs, committed under results/, are skipped; a stop
 # loses at most 120 updates of a run; the label seeds 1-4 start once the eps search they depend
 # on has finished, in either process), then redraws the reports from every finished run. About 15
 # core-hours in all: run it in the background and commit results/ as runs finish.
 STUDY := configs/sweeps/fashion-mnist-study.toml
+MORE := configs/sweeps/fashion-mnist-more-seeds.toml
 BUDGET := configs/sweeps/fashion-mnist-budget.toml
 SWEEP := OMP_NUM_THREADS=1 $(BIN)/lvat sweep
 .PHONY: results results-report
 results: fashion-mnist
 	$(BIN)/lvat sweep $(STUDY) --dry-run | head -n 2
+	$(BIN)/lvat sweep $(MORE) --dry-run | head -n 2
 	$(BIN)/lvat sweep $(BUDGET) --dry-run | head -n 2
-	($(SWEEP) $(STUDY) --shard 0/2 --wait 60 && $(SWEEP) $(BUDGET) --shard 0/2) & \
-	($(SWEEP) $(STUDY) --shard 1/2 --wait 60 && $(SWEEP) $(BUDGET) --shard 1/2); wait
+	($(SWEEP) $(STUDY) --shard 0/2 --wait 60 && $(SWEEP) $(MORE) --shard 0/2 && \
+	  $(SWEEP) $(BUDGET) --shard 0/2) & \
+	($(SWEEP) $(STUDY) --shard 1/2 --wait 60 && $(SWEEP) $(MORE) --shard 1/2 && \
+	  $(SWEEP) $(BUDGET) --shard 1/2); wait
 	$(MAKE) results-report
 
 # The reports alone, from the finished runs under results/ (seconds): the eps search on
