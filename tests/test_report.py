@@ -303,6 +303,10 @@ def test_lvat_report_paired_prints_the_interval_and_refuses_unknown_rows(tmp_pat
     )
     row = "| VAT exact − VAT xi=1e-06 | toy SSL (20 labels) | -1.33 [-3.92, +1.25] (n=3, "
     assert row + "not resolved) | 5 |" in out.with_suffix(".md").read_text()
+    for suffix in (".png", ".pdf"):  # the figure of the differences, beside the table
+        assert (tmp_path / f"rep_paired{suffix}").stat().st_size > 0
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "plain")]) == 0
+    assert not (tmp_path / "plain_paired.png").exists()  # no pairs asked: no figure
     capsys.readouterr()
     assert main(["report", str(tmp_path), "--out", str(out), "--paired", "VAT"]) == 2
     assert "give two row names" in capsys.readouterr().err

@@ -139,6 +139,30 @@ def draw_curves(panels: list[tuple[str, str, list[tuple[str, list, list]]]], pat
     _save(fig, path)
 
 
+def draw_intervals(
+    rows: list[tuple[str, list[float], float, tuple[float, float] | None]], path: Path, xlabel: str
+) -> None:
+    """One line per row (label, points, mean, interval or None): each point a dot, the mean a
+    square with its interval as a bar, and a vertical line at 0, so that whether an interval
+    excludes 0 and how the single points scatter are seen at once."""
+    fig = _figure(figsize=(7.2, 1.2 + 0.55 * len(rows)), layout="constrained")
+    ax = fig.subplots()
+    for y, (_, points, mean, ci) in enumerate(rows):
+        ax.plot(points, [y + 0.18] * len(points), "o", color="0.55", markersize=5)
+        lo, hi = ci if ci is not None else (mean, mean)
+        ax.errorbar([mean], [y - 0.12], xerr=[[mean - lo], [hi - mean]], fmt="s",
+                    color="black" if ci is not None and (lo > 0 or hi < 0) else "C3",
+                    capsize=4, markersize=6)  # fmt: skip
+    ax.axvline(0.0, color="0.3", linewidth=1.0, linestyle="--")
+    ax.set_yticks(range(len(rows)), [label for label, *_ in rows])
+    ax.set_ylim(len(rows) - 0.5, -0.5)  # the first row on top
+    ax.set_xlabel(xlabel)
+    ax.set_title("dots: one seed each; square and bar: mean and 95% interval "
+                 "(black: excludes 0)", fontsize=9)  # fmt: skip
+    ax.grid(axis="x", alpha=0.3)
+    _save(fig, path)
+
+
 def draw_grid(
     rows: list[tuple[str, Tensor]], path: Path, cell: int = 64, title: str | None = None
 ) -> None:

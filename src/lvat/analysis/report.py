@@ -423,6 +423,20 @@ def draw_report_curves(report: Report, path: Path, metric: str = "test") -> Path
     return path
 
 
+def draw_paired(pairs: list[Paired], path: Path, metric: str = "test") -> Path | None:
+    """The paired differences as a figure: per pair and column, each seed's difference (grey
+    dots) and the mean with its 95% interval (black where it excludes 0, red where it does not).
+    None without pairs."""
+    from lvat.analysis.figures import draw_intervals
+
+    if not pairs:
+        return None
+    rows = [(f"{p.a} − {p.b}\n{column_label(p.column)} (n={p.n})", p.diffs, p.mean, p.interval)
+            for p in pairs]  # fmt: skip
+    draw_intervals(rows, path, f"{metric} error difference, points (A − B per seed; 95% interval)")
+    return path
+
+
 def to_csv(report: Report, metric: str = "test") -> str:
     """One row per cell: method, dataset, aug, setting, mean, std, n, paper (+ details); the
     paper column stays empty for metric "validation"."""
@@ -483,8 +497,9 @@ def write_report(
     pairs: list[tuple[str, str]] = (),
     chosen: bool = False,
 ) -> tuple[Report, str]:
-    """Read every run under `paths`, write PREFIX.md, PREFIX.csv and (when runs logged
-    evaluations) PREFIX_curves.png; return report and Markdown.
+    """Read every run under `paths`, write PREFIX.md, PREFIX.csv, (when runs logged
+    evaluations) PREFIX_curves.png and (with `pairs` that have shared seeds) PREFIX_paired.png;
+    return report and Markdown.
     `metric`: "test" (Table 3) or "validation" (the held-out split, for choosing eps). `pairs`:
     (row A, row B) whose per-seed differences get a 95% confidence interval. `chosen`: one row
     per method at each column's chosen eps (`summarize`)."""
@@ -493,10 +508,12 @@ def write_report(
     runs = [read_run(p, metric) for p in find_runs(paths)]
     report = summarize(runs, chosen)
     markdown = to_markdown(report, metric)
+    found = [p for a, b in pairs for p in paired(report, a, b)]
     if pairs:
-        markdown += paired_markdown([p for a, b in pairs for p in paired(report, a, b)], metric)
+        markdown += paired_markdown(found, metric)
     prefix = Path(prefix)
     atomic_write_text(prefix.with_name(prefix.name + ".md"), markdown)
     atomic_write_text(prefix.with_name(prefix.name + ".csv"), to_csv(report, metric))
     draw_report_curves(report, prefix.with_name(prefix.name + "_curves.png"), metric)
+    draw_paired(found, prefix.with_name(prefix.name + "_paired.png"), metric)
     return report, markdown
