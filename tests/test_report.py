@@ -307,6 +307,16 @@ def test_lvat_report_paired_prints_the_interval_and_refuses_unknown_rows(tmp_pat
         assert (tmp_path / f"rep_paired{suffix}").stat().st_size > 0
     assert main(["report", str(tmp_path), "--out", str(tmp_path / "plain")]) == 0
     assert not (tmp_path / "plain_paired.png").exists()  # no pairs asked: no figure
+    # --seeds keeps only those seeds' runs: seeds 1 and 2 differ by -2.5 and -0.5
+    sub = tmp_path / "sub"
+    args = ["report", str(tmp_path / "exact"), str(tmp_path / "fd"), "--out", str(sub)]
+    assert main([*args, "--paired", "VAT exact:VAT xi=1e-06", "--seeds", "1,2"]) == 0
+    md = sub.with_suffix(".md").read_text()
+    assert "| -1.50 [-14.21, +11.21] (n=2, not resolved) |" in md  # t(0.975, 1) = 12.7062
+    assert "(n=2)" in md and "(n=3)" not in md
+    capsys.readouterr()
+    assert main([*args, "--seeds", "1,x"]) == 2
+    assert "--seeds '1,x': give seeds as integers" in capsys.readouterr().err
     capsys.readouterr()
     assert main(["report", str(tmp_path), "--out", str(out), "--paired", "VAT"]) == 2
     assert "give two row names" in capsys.readouterr().err

@@ -119,7 +119,15 @@ def _cmd_report(args: argparse.Namespace) -> int:
         if not (sep and a.strip() and b.strip()):
             raise LvatError(f"--paired {text!r}: give two row names as 'ROW A:ROW B'")
         pairs.append((a.strip(), b.strip()))
-    report, markdown = write_report(args.run_dirs, args.out, args.metric, pairs, args.chosen)
+    seeds = None
+    if args.seeds is not None:
+        try:
+            seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+        except ValueError:
+            raise LvatError(
+                f"--seeds {args.seeds!r}: give seeds as integers, e.g. 1,2,3,4"
+            ) from None
+    report, markdown = write_report(args.run_dirs, args.out, args.metric, pairs, args.chosen, seeds)
     print(markdown, end="")
     n = sum(c.n for c in report.cells)
     print(
@@ -386,6 +394,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="after an eps search: one row per method, each column at the eps with the most "
         "finished runs (the chosen one, run with every seed), that eps shown in the cell",
+    )
+    rep.add_argument(
+        "--seeds",
+        metavar="LIST",
+        help="only runs whose seed is in LIST (e.g. 1,2,3,4: leave out the seed an eps search "
+        "ran on, whose result chose eps)",
     )
     rep.set_defaults(func=_cmd_report)
     fig = sub.add_parser(

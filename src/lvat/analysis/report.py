@@ -26,6 +26,7 @@ import csv
 import io
 import statistics
 from collections import Counter, defaultdict
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -496,16 +497,20 @@ def write_report(
     metric: str = "test",
     pairs: list[tuple[str, str]] = (),
     chosen: bool = False,
+    seeds: Collection[int] | None = None,
 ) -> tuple[Report, str]:
     """Read every run under `paths`, write PREFIX.md, PREFIX.csv, (when runs logged
     evaluations) PREFIX_curves.png and (with `pairs` that have shared seeds) PREFIX_paired.png;
     return report and Markdown.
     `metric`: "test" (Table 3) or "validation" (the held-out split, for choosing eps). `pairs`:
     (row A, row B) whose per-seed differences get a 95% confidence interval. `chosen`: one row
-    per method at each column's chosen eps (`summarize`)."""
+    per method at each column's chosen eps (`summarize`). `seeds`: only the runs whose `seed`
+    is one of these (e.g. leave out the seed an eps search was run on, whose result chose eps)."""
     if metric not in ("test", "validation"):
         raise LvatError(f"metric {metric!r}: use test or validation")
     runs = [read_run(p, metric) for p in find_runs(paths)]
+    if seeds is not None:
+        runs = [r for r in runs if r.seeds[0] in set(seeds)]
     report = summarize(runs, chosen)
     markdown = to_markdown(report, metric)
     found = [p for a, b in pairs for p in paired(report, a, b)]
