@@ -145,7 +145,7 @@ def draw_intervals(
     """One line per row (label, points, mean, interval or None): each point a dot, the mean a
     square with its interval as a bar, and a vertical line at 0, so that whether an interval
     excludes 0 and how the single points scatter are seen at once."""
-    fig = _figure(figsize=(7.2, 1.2 + 0.55 * len(rows)), layout="constrained")
+    fig = _figure(figsize=(8.0, 1.2 + 0.55 * len(rows)), layout="constrained")
     ax = fig.subplots()
     for y, (_, points, mean, ci) in enumerate(rows):
         ax.plot(points, [y + 0.18] * len(points), "o", color="0.55", markersize=5)
@@ -157,8 +157,8 @@ def draw_intervals(
     ax.set_yticks(range(len(rows)), [label for label, *_ in rows])
     ax.set_ylim(len(rows) - 0.5, -0.5)  # the first row on top
     ax.set_xlabel(xlabel)
-    ax.set_title("dots: one seed each; square and bar: mean and 95% interval "
-                 "(black: excludes 0)", fontsize=9)  # fmt: skip
+    fig.suptitle("dots: one seed each; square and bar: mean and 95% interval (black: excludes 0)",
+                 fontsize=9)  # fmt: skip
     ax.grid(axis="x", alpha=0.3)
     _save(fig, path)
 
