@@ -486,7 +486,7 @@ def paired_markdown(pairs: list[Paired], metric: str = "test") -> str:
             "an interval that excludes 0 (a planning number, not a power calculation: a study of "
             "that size resolves a true difference of this size only about half the time).",
         ]
-    if not pairs:
+    else:
         lines[-2:] = ["None yet: no column has both rows (at a chosen eps) with a shared seed."]
     return "\n".join(lines) + "\n"
 
@@ -510,7 +510,8 @@ def write_report(
         raise LvatError(f"metric {metric!r}: use test or validation")
     runs = [read_run(p, metric) for p in find_runs(paths)]
     if seeds is not None:
-        runs = [r for r in runs if r.seeds[0] in set(seeds)]
+        keep = set(seeds)
+        runs = [r for r in runs if r.seeds[0] in keep]
     report = summarize(runs, chosen)
     markdown = to_markdown(report, metric)
     found = [p for a, b in pairs for p in paired(report, a, b)]
