@@ -68,7 +68,10 @@ results-report: $(STAMP)
 	  --paired "LVAT-VAE:VAT" --paired "LVAT-Glow:VAT" --paired "VAT:sup"
 	if find results/budget -name results.json 2>/dev/null | grep -q .; then $(BIN)/lvat report results/study results/budget \
 	  --metric validation --out docs/results/budget \
-	  --paired "sup 2400 updates:sup 1200 updates"; fi
+	  --paired "sup 2400 updates:sup 1200 updates" \
+	  --paired "VAT eps=1 2400 updates:VAT eps=1 1200 updates" \
+	  --paired "LVAT-VAE eps=4 2400 updates:LVAT-VAE eps=4 1200 updates" \
+	  --paired "LVAT-Glow eps=0.5 2400 updates:LVAT-Glow eps=0.5 1200 updates"; fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

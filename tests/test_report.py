@@ -292,6 +292,27 @@ def test_rows_split_by_power_method_and_paired_differences_per_seed(tmp_path):
         paired(report, "VAT", "VAT exact")
 
 
+def test_joint_intervals_widen_each_pair_to_bonferroni_level(tmp_path):
+    from lvat.analysis.report import paired, paired_markdown, summarize
+    from lvat.analysis.runs import find_runs, read_run
+
+    for s, (e, f) in enumerate([(30.0, 31.0), (28.0, 30.5), (33.0, 33.5)]):
+        _run_files(tmp_path / "exact" / f"s{s}", s, e, power_method="exact", xi=1e-6)
+        _run_files(tmp_path / "fd" / f"s{s}", s, f, power_method="finite-difference", xi=1e-6)
+    report = summarize([read_run(p) for p in find_runs([tmp_path])])
+    pairs = paired(report, "VAT exact", "VAT xi=1e-06") + paired(
+        report, "VAT xi=1e-06", "VAT exact"
+    )
+    # two pairs: each at level 1 - 0.05/2, t(0.9875, 2) = 6.205347 (tables); diffs -1, -2.5,
+    # -0.5 (sd 1.040833): half-width 6.205347 * 1.040833 / sqrt(3) = 3.728949 around -4/3
+    text = paired_markdown(pairs)
+    assert "95% jointly over all 2 (Bonferroni)" in text
+    assert "| [-5.06, +2.40] (not resolved) |" in text  # -4/3 -/+ 3.728949
+    assert "| [-2.40, +5.06] (not resolved) |" in text  # the reverse pair
+    assert "[-3.92, +1.25] (n=3, not resolved)" in text  # the 95% interval of each stays
+    assert "jointly" not in paired_markdown(pairs[:1])  # one pair: nothing to adjust
+
+
 def test_lvat_report_paired_prints_the_interval_and_refuses_unknown_rows(tmp_path, capsys):
     for s, (e, f) in enumerate([(30.0, 31.0), (28.0, 30.5), (33.0, 33.5)]):
         _run_files(tmp_path / "exact" / f"s{s}", s, e, power_method="exact", xi=1e-6)

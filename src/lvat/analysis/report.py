@@ -263,6 +263,15 @@ class Paired:
         verdict = "resolved" if self.resolved else "not resolved"
         return f"{self.mean:+.2f} {span} (n={self.n}, {verdict})"
 
+    def joint_text(self, k: int) -> str:
+        """The interval at level 1 - 0.05/k (Bonferroni): with k pairs in one report, all k
+        such intervals cover their true differences together with probability >= 95%."""
+        ci = paired_interval(self.diffs, 1 - 0.05 / k)
+        if ci is None:
+            return "—"
+        verdict = "resolved" if ci[0] > 0 or ci[1] < 0 else "not resolved"
+        return f"[{ci[0]:+.2f}, {ci[1]:+.2f}] ({verdict})"
+
 
 def paired_interval(diffs: list[float], level: float = 0.95) -> tuple[float, float] | None:
     """Two-sided t confidence interval for the mean of paired differences (n - 1 dof)."""
@@ -468,17 +477,20 @@ def to_csv(report: Report, metric: str = "test") -> str:
 
 def paired_markdown(pairs: list[Paired], metric: str = "test") -> str:
     """The paired differences as a Markdown section."""
+    k = len(pairs)
+    joint = f" 95% jointly over all {k} (Bonferroni) |" if k > 1 else ""
     lines = [
         "",
         f"## Paired differences in {metric} error (points; per seed, A − B; 95% t-interval)",
         "",
-        "| A − B | column | difference | seeds to resolve at this mean and sd |",
-        "|---|---|---|---|",
+        "| A − B | column | difference | seeds to resolve at this mean and sd |" + joint,
+        "|---|---|---|---|" + ("---|" if joint else ""),
     ]
     for p in pairs:
         need = p.seeds_to_resolve
         plan = "—" if p.resolved or p.n < 2 else f"{need}" if need else "more than 1,000"
-        lines.append(f"| {p.a} − {p.b} | {column_label(p.column)} | {p.text()} | {plan} |")
+        both = f" {p.joint_text(k)} |" if joint else ""
+        lines.append(f"| {p.a} − {p.b} | {column_label(p.column)} | {p.text()} | {plan} |" + both)
     if pairs:
         lines += [
             "",
@@ -486,6 +498,12 @@ def paired_markdown(pairs: list[Paired], metric: str = "test") -> str:
             "an interval that excludes 0 (a planning number, not a power calculation: a study of "
             "that size resolves a true difference of this size only about half the time).",
         ]
+    if joint:
+        lines.append(
+            f"Jointly: each interval at level 1 − 0.05/{k}, so that all {k} cover their true "
+            "differences together with probability ≥ 95%; a difference resolved there is not "
+            "an artefact of looking at many pairs at once."
+        )
     else:
         lines[-2:] = ["None yet: no column has both rows (at a chosen eps) with a shared seed."]
     return "\n".join(lines) + "\n"
