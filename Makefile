@@ -70,6 +70,7 @@ results-report: $(STAMP)
 	  --metric validation --out docs/results/budget \
 	  --paired "sup 2400 updates:sup 1200 updates" \
 	  --paired "VAT eps=1 2400 updates:VAT eps=1 1200 updates" \
+	  --paired "VAT eps=0.125 2400 updates:VAT eps=0.125 1200 updates" \
 	  --paired "LVAT-VAE eps=4 2400 updates:LVAT-VAE eps=4 1200 updates" \
 	  --paired "LVAT-Glow eps=0.5 2400 updates:LVAT-Glow eps=0.5 1200 updates"; fi
 
