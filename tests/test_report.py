@@ -310,7 +310,9 @@ def test_joint_intervals_widen_each_pair_to_bonferroni_level(tmp_path):
     assert "| [-5.06, +2.40] (not resolved) |" in text  # -4/3 -/+ 3.728949
     assert "| [-2.40, +5.06] (not resolved) |" in text  # the reverse pair
     assert "[-3.92, +1.25] (n=3, not resolved)" in text  # the 95% interval of each stays
-    assert "jointly" not in paired_markdown(pairs[:1])  # one pair: nothing to adjust
+    one = paired_markdown(pairs[:1])  # one pair: nothing to adjust, the rest as before
+    assert "jointly" not in one and "None yet" not in one and "Seeds to resolve" in one
+    assert "None yet" in paired_markdown([])
 
 
 def test_lvat_report_paired_prints_the_interval_and_refuses_unknown_rows(tmp_path, capsys):

@@ -244,8 +244,7 @@ class Paired:
     @property
     def resolved(self) -> bool:
         """The 95% interval excludes 0: the sign of the difference is resolved."""
-        ci = self.interval
-        return ci is not None and (ci[0] > 0 or ci[1] < 0)
+        return _excludes_zero(self.interval)
 
     @property
     def seeds_to_resolve(self) -> int | None:
@@ -269,8 +268,12 @@ class Paired:
         ci = paired_interval(self.diffs, 1 - 0.05 / k)
         if ci is None:
             return "—"
-        verdict = "resolved" if ci[0] > 0 or ci[1] < 0 else "not resolved"
+        verdict = "resolved" if _excludes_zero(ci) else "not resolved"
         return f"[{ci[0]:+.2f}, {ci[1]:+.2f}] ({verdict})"
+
+
+def _excludes_zero(ci: tuple[float, float] | None) -> bool:
+    return ci is not None and (ci[0] > 0 or ci[1] < 0)
 
 
 def paired_interval(diffs: list[float], level: float = 0.95) -> tuple[float, float] | None:
@@ -498,12 +501,12 @@ def paired_markdown(pairs: list[Paired], metric: str = "test") -> str:
             "an interval that excludes 0 (a planning number, not a power calculation: a study of "
             "that size resolves a true difference of this size only about half the time).",
         ]
-    if joint:
-        lines.append(
-            f"Jointly: each interval at level 1 − 0.05/{k}, so that all {k} cover their true "
-            "differences together with probability ≥ 95%; a difference resolved there is not "
-            "an artefact of looking at many pairs at once."
-        )
+        if joint:
+            lines.append(
+                f"Jointly: each interval at level 1 − 0.05/{k}, so that all {k} cover their true "
+                "differences together with probability ≥ 95%; a difference resolved there is not "
+                "an artefact of looking at many pairs at once."
+            )
     else:
         lines[-2:] = ["None yet: no column has both rows (at a chosen eps) with a shared seed."]
     return "\n".join(lines) + "\n"
