@@ -73,10 +73,9 @@ results-report: $(STAMP)
 	  --paired "VAT eps=1 2400 updates:VAT eps=1 1200 updates" \
 	  --paired "VAT eps=0.125 2400 updates:VAT eps=0.125 1200 updates" \
 	  --paired "LVAT-VAE eps=4 2400 updates:LVAT-VAE eps=4 1200 updates" \
-	  --paired "LVAT-Glow eps=0.5 2400 updates:LVAT-Glow eps=0.5 1200 updates"; fi
-	if find results/budget -name results.json 2>/dev/null | grep -q .; then $(BIN)/lvat report results/budget \
-	  --out docs/results/budget-test --paired "LVAT-VAE:VAT eps=0.125" \
-	  --paired "LVAT-Glow:VAT eps=0.125" --paired "VAT eps=0.125:sup"; fi
+	  --paired "LVAT-Glow eps=0.5 2400 updates:LVAT-Glow eps=0.5 1200 updates" && \
+	  $(BIN)/lvat report results/budget --out docs/results/budget-test \
+	  --paired "LVAT-VAE:VAT eps=0.125" --paired "LVAT-Glow:VAT eps=0.125" --paired "VAT eps=0.125:sup"; fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
