@@ -175,7 +175,9 @@ def matching_tangents() -> Iterator[None]:
 
 
 def fisher_vector_product(
-    logits_fn: Callable[[list[Tensor]], Tensor], v: Sequence[Tensor]
+    logits_fn: Callable[[list[Tensor]], Tensor],
+    v: Sequence[Tensor],
+    out: list[Tensor] | None = None,
 ) -> list[Tensor]:
     """G v = J^T M J v at r = 0 (see the module docstring), one group per tensor, detached.
 
@@ -183,6 +185,8 @@ def fisher_vector_product(
         logits_fn: maps perturbation groups r to the classifier's logits (B, K) at the perturbed
             point (VAT: model(x + r); LVAT: model(decode(z + r))).
         v: the vector: groups shaped like r, each (B, ...), float32 or float64.
+        out: if given, the logits at r = 0 (detached, `logits_fn`'s precision) are appended to it:
+            the product's forward pass is also a plain pass at the unperturbed point.
 
     Returns:
         G v as groups shaped like `v` (zeros for a group the logits do not depend on), in `v`'s
@@ -193,6 +197,8 @@ def fisher_vector_product(
         with fwAD.dual_level():
             duals = [fwAD.make_dual(p, t.detach()) for p, t in zip(primals, v, strict=True)]
             logits, jv = fwAD.unpack_dual(logits_fn(duals))  # (B, K) each
+        if out is not None:
+            out.append(logits.detach())
         if jv is None:  # the logits do not depend on the groups at all
             return [torch.zeros_like(p) for p in primals]
         dt = torch.float64 if logits.dtype == torch.float64 else torch.float32
@@ -213,13 +219,15 @@ def exact_power_iteration(
     d: Sequence[Tensor],
     power_iterations: int = 1,
     joint: bool = False,
+    out: list[Tensor] | None = None,
 ) -> list[Tensor]:
     """`power_iterations` products g <- G normalize(g), starting from g = d (random normal).
 
     The counterpart of `common.power_iteration` without xi: it returns G d_hat where that returns
-    ~xi G d_hat (VAT), so `eps * normalize(g)` is the same r in the limit xi -> 0.
+    ~xi G d_hat (VAT), so `eps * normalize(g)` is the same r in the limit xi -> 0. `out`: as in
+    `fisher_vector_product`, the logits at r = 0 of the first product.
     """
     g = list(d)
-    for _ in range(power_iterations):
-        g = fisher_vector_product(logits_fn, normalize_groups(g, joint))
+    for i in range(power_iterations):
+        g = fisher_vector_product(logits_fn, normalize_groups(g, joint), out if i == 0 else None)
     return g
