@@ -98,8 +98,8 @@ class _BatchNormWithTangent(torch.autograd.Function):
         if tx is not None:
             t = tx.to(x.dtype)
             a = invstd if weight is None else invstd * weight.to(acc)
-            mean_t = t.mean(dims, dtype=acc)
-            mean_xt = (xhat * t).mean(dims, dtype=acc)
+            mean_t = _channel_mean(t, dims, acc)
+            mean_xt = _channel_mean(xhat * t, dims, acc)
             scale, shift = -a * mean_xt, -a * mean_t
             out = t * a.reshape(shape).to(x.dtype)
         if tw is not None:
@@ -110,6 +110,15 @@ class _BatchNormWithTangent(torch.autograd.Function):
             shift.reshape(shape).to(x.dtype), xhat, scale.reshape(shape).to(x.dtype)
         )
         return (rest if out is None else out + rest), None, None
+
+
+def _channel_mean(t: Tensor, dims: list[int], acc: torch.dtype) -> Tensor:
+    """Per-channel mean in `acc`. A bf16 `t` is summed in its own dtype (ATen accumulates a bf16
+    sum in float32; only the per-channel result is rounded to bf16): `mean(dtype=float32)` would
+    first copy all of `t` to a fresh float32 tensor, as costly as the tangent pass itself."""
+    if t.dtype == acc or t.dtype == torch.float64:
+        return t.mean(dims, dtype=acc)
+    return t.sum(dims).to(acc) / (t.numel() // t.shape[1])
 
 
 def _batch_statistics_forward(bn: _BatchNorm) -> Callable[[Tensor], Tensor]:
