@@ -89,7 +89,8 @@ class _BatchNormWithTangent(torch.autograd.Function):
         x, weight, mean, invstd = ctx.saved_tensors
         shape = [1, -1] + [1] * (x.dim() - 2)  # per channel, broadcast over (B, C, ...)
         dims = [0, *range(2, x.dim())]
-        # Full-size passes in x's dtype (bf16 under autocast), per-channel sums in float32+.
+        # Full-size passes in x's dtype (bf16 under autocast); per-channel sums accumulate in
+        # float32 (`_channel_mean`), the per-channel maths is float32 (float64 for float64).
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         xhat = (x - mean.reshape(shape).to(x.dtype)) * invstd.reshape(shape).to(x.dtype)
         scale = torch.zeros_like(mean)  # coefficient of xhat
