@@ -349,6 +349,20 @@ def test_reused_dropout_masks_are_atens_masks_bit_for_bit(dtype, channels_last):
     assert "forward" not in drop.__dict__  # the module's own forward is back
 
 
+def test_reused_dropout_masks_leave_a_compiled_model_alone():
+    """A patched forward would change the compiled graph's guards every step (recompiles)."""
+    from lvat.regularizers.common import ReusedDropoutMasks
+
+    for wrap in (lambda m: m.compile() or m, torch.compile):
+        model = mlp(p=0.5)
+        compiled = wrap(model)  # nothing compiles until it is called
+        with ReusedDropoutMasks(compiled):
+            assert all("forward" not in m.__dict__ for m in model.modules())
+    model = mlp(p=0.5)
+    with ReusedDropoutMasks(model):
+        assert sum("forward" in m.__dict__ for m in model.modules()) == 1
+
+
 @pytest.mark.parametrize("power_method", ["finite-difference", "exact"])
 def test_reusing_dropout_masks_changes_no_number(monkeypatch, power_method):
     """The regularizer with masks reused equals it with every pass drawing again from the

@@ -335,12 +335,18 @@ class ReusedDropoutMasks:
     and reuses them in the later passes: for the passes of one regularizer call, which share their
     masks anyway (`RngSnapshot`), so only the cost changes. `new_pass()` marks where a pass begins
     (a module called twice in one pass draws two masks, as without this). Elsewhere (eval mode, p
-    of 0 or 1, CUDA, whose fused dropout kernel draws differently) the module's own forward runs.
-    The forwards are restored on exit, also when the body raises.
+    of 0 or 1, CUDA, whose fused dropout kernel draws differently) the module's own forward runs,
+    and a `torch.compile`d model is left alone (a patched forward would make it recompile every
+    step). The forwards are restored on exit, also when the body raises.
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self._drops = [m for m in model.modules() if type(m) is nn.Dropout]
+        compiled = any(
+            getattr(m, "_compiled_call_impl", None) is not None or hasattr(m, "_orig_mod")
+            for m in model.modules()
+        )
+        drops = [] if compiled else [m for m in model.modules() if type(m) is nn.Dropout]
+        self._drops = drops
         self._forwards = [_ReusedMaskDropout(m) for m in self._drops]
         self._saved: list[object] = []
 
