@@ -83,7 +83,7 @@ results-report: $(STAMP)
 	if find results/budget-4800 -name results.json 2>/dev/null | grep -q .; then \
 	  $(BIN)/lvat report results/budget results/budget-4800 --seeds 0,1 --out docs/results/budget-4800 \
 	  --paired "sup 4800 updates:sup 2400 updates" \
-	  --paired "VAT 4800 updates:VAT eps=0.125 2400 updates" \
+	  --paired "VAT eps=0.125 4800 updates:VAT eps=0.125 2400 updates" \
 	  --paired "LVAT-VAE 4800 updates:LVAT-VAE 2400 updates" \
 	  --paired "LVAT-Glow 4800 updates:LVAT-Glow 2400 updates"; fi
 
