@@ -85,7 +85,9 @@ results-report: $(STAMP)
 	  --paired "sup 4800 updates:sup 2400 updates" \
 	  --paired "VAT eps=0.125 4800 updates:VAT eps=0.125 2400 updates" \
 	  --paired "LVAT-VAE 4800 updates:LVAT-VAE 2400 updates" \
-	  --paired "LVAT-Glow 4800 updates:LVAT-Glow 2400 updates"; fi
+	  --paired "LVAT-Glow 4800 updates:LVAT-Glow 2400 updates" \
+	  --paired "LVAT-Glow 4800 updates:VAT eps=0.125 4800 updates" \
+	  --paired "LVAT-VAE 4800 updates:VAT eps=0.125 4800 updates"; fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
