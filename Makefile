@@ -34,7 +34,8 @@ demo: fashion-mnist
 # docs/results.md: the study of configs/sweeps/fashion-mnist-study.toml (LVAT vs VAT, Fashion-MNIST,
 # 100 and 1,000 labels, 5 label seeds), then label seeds 5 and 6 for VAT and LVAT-Glow with 100
 # labels (configs/sweeps/fashion-mnist-more-seeds.toml), then its budget check at twice the updates
-# (configs/sweeps/fashion-mnist-budget.toml). Prints what is left and its time estimate, runs it in
+# (configs/sweeps/fashion-mnist-budget.toml) and at four times (fashion-mnist-budget-4800.toml,
+# 1,000 labels, 2 label seeds). Prints what is left and its time estimate, runs it in
 # two processes of one core each (finished runs, committed under results/, are skipped; a stop
 # loses at most 120 updates of a run; the label seeds 1-4 start once the eps search they depend
 # on has finished, in either process), then redraws the reports from every finished run. About 15
@@ -42,16 +43,18 @@ demo: fashion-mnist
 STUDY := configs/sweeps/fashion-mnist-study.toml
 MORE := configs/sweeps/fashion-mnist-more-seeds.toml
 BUDGET := configs/sweeps/fashion-mnist-budget.toml
+BUDGET4800 := configs/sweeps/fashion-mnist-budget-4800.toml
 SWEEP := OMP_NUM_THREADS=1 $(BIN)/lvat sweep
 .PHONY: results results-report
 results: fashion-mnist
 	$(BIN)/lvat sweep $(STUDY) --dry-run | head -n 2
 	$(BIN)/lvat sweep $(MORE) --dry-run | head -n 2
 	$(BIN)/lvat sweep $(BUDGET) --dry-run | head -n 2
+	$(BIN)/lvat sweep $(BUDGET4800) --dry-run | head -n 2
 	($(SWEEP) $(STUDY) --shard 0/2 --wait 60 && $(SWEEP) $(MORE) --shard 0/2 && \
-	  $(SWEEP) $(BUDGET) --shard 0/2) & \
+	  $(SWEEP) $(BUDGET) --shard 0/2 && $(SWEEP) $(BUDGET4800) --shard 0/2) & \
 	($(SWEEP) $(STUDY) --shard 1/2 --wait 60 && $(SWEEP) $(MORE) --shard 1/2 && \
-	  $(SWEEP) $(BUDGET) --shard 1/2); wait
+	  $(SWEEP) $(BUDGET) --shard 1/2 && $(SWEEP) $(BUDGET4800) --shard 1/2); wait
 	$(MAKE) results-report
 
 # The reports alone, from the finished runs under results/ (seconds): the eps search on
@@ -59,7 +62,8 @@ results: fashion-mnist
 # each method at its chosen eps with the paired LVAT - VAT (and VAT - sup) differences, then the
 # same without label seed 0, the seed whose runs chose eps (their selection flatters them); and the
 # budget check (the study's runs beside the same settings at twice the updates, on validation),
-# and its test error with the paired differences at 2,400 updates (1,000 labels, 5 label seeds).
+# and its test error with the paired differences at 2,400 updates (1,000 labels, 5 label seeds);
+# then test error at 4,800 updates beside 2,400 (1,000 labels, label seeds 0 and 1), per-seed change.
 results-report: $(STAMP)
 	$(BIN)/lvat report results/study --metric validation --out docs/results/study-validation
 	$(BIN)/lvat report results/study --out docs/results/study
@@ -76,6 +80,14 @@ results-report: $(STAMP)
 	  --paired "LVAT-Glow eps=0.5 2400 updates:LVAT-Glow eps=0.5 1200 updates" && \
 	  $(BIN)/lvat report results/budget --out docs/results/budget-test \
 	  --paired "LVAT-VAE:VAT eps=0.125" --paired "LVAT-Glow:VAT eps=0.125" --paired "VAT eps=0.125:sup"; fi
+	if find results/budget-4800 -name results.json 2>/dev/null | grep -q .; then \
+	  $(BIN)/lvat report results/budget results/budget-4800 --seeds 0,1 --out docs/results/budget-4800 \
+	  --paired "sup 4800 updates:sup 2400 updates" \
+	  --paired "VAT eps=0.125 4800 updates:VAT eps=0.125 2400 updates" \
+	  --paired "LVAT-VAE 4800 updates:LVAT-VAE 2400 updates" \
+	  --paired "LVAT-Glow 4800 updates:LVAT-Glow 2400 updates" \
+	  --paired "LVAT-Glow 4800 updates:VAT eps=0.125 4800 updates" \
+	  --paired "LVAT-VAE 4800 updates:VAT eps=0.125 4800 updates"; fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

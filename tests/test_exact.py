@@ -150,8 +150,28 @@ def test_exact_mode_keeps_bn_buffers_and_shares_dropout_masks():
     model, x = mlp(p=0.5), torch.rand(8, 6)
     rec = DropoutRecorder(model)
     reg(model, x)
-    assert len(rec.masks) == 4  # clean, 2 exact products, adversarial
+    assert len(rec.masks) == 3  # 2 exact products (the first is VAT's clean pass), adversarial
     assert all(torch.equal(m, rec.masks[0]) for m in rec.masks)
+    rec.masks = []
+    LVAT(TupleTransformer(), 1.0, power_method="exact")(model, x)
+    assert len(rec.masks) == 3  # LVAT: clean (at x), product (at decode(z)), adversarial
+    assert all(torch.equal(m, rec.masks[0]) for m in rec.masks)
+
+
+def test_exact_vat_takes_its_clean_target_from_the_first_product():
+    """No clean pass of its own: the loss is still KL(p(x) || p(x + r)), float64 to rounding."""
+    from lvat.regularizers.common import kl_divergence
+
+    model, x = cnn(p=0.0).double().train(), torch.rand(5, 2, 6, 6, dtype=torch.float64)
+    reg = VAT(0.7, power_iterations=2, power_method="exact")
+    torch.manual_seed(1)
+    loss = reg(model, x)
+    torch.manual_seed(1)
+    r = reg.perturbation(model, x)
+    with torch.no_grad():  # train mode: batch statistics, as the regularizer's passes
+        expected = kl_divergence(model(x), model(x + r))
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-10, atol=1e-14)
+    assert loss.requires_grad and expected > 0
 
 
 def test_power_method_is_validated():

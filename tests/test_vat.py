@@ -320,6 +320,81 @@ def test_rng_ends_one_classifier_pass_past_the_snapshot():
     assert torch.equal(after, torch.get_rng_state())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_reused_dropout_masks_are_atens_masks_bit_for_bit(dtype, channels_last):
+    from lvat.regularizers.common import ReusedDropoutMasks
+
+    drop = nn.Dropout(0.3).train()
+    x = torch.rand(4, 3, 5, 6).to(dtype) + 0.5
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    torch.manual_seed(3)
+    native32 = F.dropout(x.float(), 0.3)  # bernoulli_ draws one stream whatever the dtype
+    torch.manual_seed(3)
+    native = F.dropout(x, 0.3)
+    after_one = torch.get_rng_state()
+    torch.manual_seed(3)
+    with ReusedDropoutMasks(drop) as masks:
+        masks.new_pass()
+        first = drop(x)
+        assert torch.equal(torch.get_rng_state(), after_one)
+        masks.new_pass()
+        again = drop(x.float())  # another dtype: the same 0/1 draw, scaled in float32
+        assert torch.equal(torch.get_rng_state(), after_one)  # nothing drawn
+        second_call = drop(x)  # a second call in one pass draws a mask of its own
+    assert torch.equal(first, native)
+    assert torch.equal(again, native32)
+    assert not torch.equal(second_call == 0, native == 0)
+    assert "forward" not in drop.__dict__  # the module's own forward is back
+
+
+def test_reused_dropout_masks_leave_a_compiled_model_alone():
+    """A patched forward would change the compiled graph's guards every step (recompiles)."""
+    from lvat.regularizers.common import ReusedDropoutMasks
+
+    for wrap in (lambda m: m.compile() or m, torch.compile):
+        model = mlp(p=0.5)
+        compiled = wrap(model)  # nothing compiles until it is called
+        with ReusedDropoutMasks(compiled):
+            assert all("forward" not in m.__dict__ for m in model.modules())
+    model = mlp(p=0.5)
+    with ReusedDropoutMasks(model):
+        assert sum("forward" in m.__dict__ for m in model.modules()) == 1
+
+
+@pytest.mark.parametrize("power_method", ["finite-difference", "exact"])
+def test_reusing_dropout_masks_changes_no_number(monkeypatch, power_method):
+    """The regularizer with masks reused equals it with every pass drawing again from the
+    restored generator (the convention), bit for bit: r, loss, and the generator after."""
+    import lvat.regularizers.passes as passes
+
+    class DrawAgain:  # each pass draws its masks from the restored generator
+        def __init__(self, model):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+        def new_pass(self):
+            pass
+
+    model, x = cnn(p=0.3), torch.rand(6, 2, 6, 6)
+    reg = VAT(1.0, xi=XI, power_iterations=2, power_method=power_method)
+    results = []
+    for reuse in (True, False):
+        if not reuse:
+            monkeypatch.setattr(passes, "ReusedDropoutMasks", DrawAgain)
+        torch.manual_seed(0)
+        out = reg.loss_and_stats(model, x)[0], reg.perturbation(model, x)
+        results.append((*out, torch.get_rng_state()))
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_perturbation_touches_no_parameter_grad():
     model, x = cnn(p=0.3), torch.rand(4, 2, 6, 6)
     VAT(1.0, power_iterations=2).perturbation(model, x)

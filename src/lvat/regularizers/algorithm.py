@@ -51,6 +51,7 @@ def virtual_adversarial(
     entropy_weight: float = 0.0,
     with_loss: bool = True,
     power_method: str = "finite-difference",
+    base_is_input: bool = False,
 ) -> VirtualAdversarial:
     """Virtual adversarial perturbation of `base` and, optionally, the consistency cost.
 
@@ -71,7 +72,9 @@ def virtual_adversarial(
         with_loss: also run the adversarial pass and return loss and stats.
         power_method: "finite-difference" (the authors: a probe of norm xi, in true float32) or
             "exact" (`lvat.regularizers.exact`: Fisher-vector products, no xi, in the caller's
-            precision).
+            precision; the clean pass too).
+        base_is_input: `to_input(base)` is `x` itself (VAT): the exact mode then takes the clean
+            logits from its first product's forward pass at r = 0 instead of a pass of its own.
     """
     base = [b.detach() for b in base]
 
@@ -81,17 +84,30 @@ def virtual_adversarial(
     # 1. random d, drawn before the masks are fixed; in float32 whatever the base's precision, so
     # that a float64 reference (`lvat diagnose`) sees the same d as a float32 run of the same seed
     d = [torch.randn_like(b, dtype=torch.float32).to(b.dtype) for b in base]
+    exact = power_method == "exact"
+    keep_graph = with_loss and entropy_weight > 0  # VAT+Ent: the clean pass keeps its graph
     with UnlabeledPasses(model, x.device) as classify:
-        keep_graph = with_loss and entropy_weight > 0  # VAT+Ent: the clean pass keeps its graph
-        with classify.precise(), contextlib.nullcontext() if keep_graph else torch.no_grad():
-            clean_logits = classify(x.to(perturbation_dtype(x)) if x.is_floating_point() else x)
-        target = clean_logits.detach()  # p(x), a constant
-        if power_method == "exact":  # 2. g = G d_hat, exactly, in the caller's precision
+        # The clean pass, p(x): in true float32 for the finite difference, whose probe is compared
+        # with it at rounding level; in the caller's precision for the exact mode (no xi), whose
+        # first product for VAT runs at r = 0, at x itself, so its forward pass is the clean pass.
+        clean_logits = None
+        if not (exact and base_is_input and not keep_graph):
+            grad_mode = contextlib.nullcontext() if keep_graph else torch.no_grad()
+            with contextlib.nullcontext() if exact else classify.precise(), grad_mode:
+                clean_logits = classify(x.to(perturbation_dtype(x)) if x.is_floating_point() else x)
+        if exact:  # 2. g = G d_hat, exactly, in the caller's precision
+            at_zero: list[Tensor] = []  # the logits at r = 0
             with forward_mode(model):
                 g = exact_power_iteration(
-                    lambda r: classify(_precise(classify, moved, r)), d, power_iterations, joint
+                    lambda r: classify(_precise(classify, moved, r)),
+                    d,
+                    power_iterations,
+                    joint,
+                    out=at_zero,
                 )
-        else:  # 2. g = grad_d KL(p(x) || p(base + xi d_hat)), in true float32
+            clean_logits = at_zero[0] if clean_logits is None else clean_logits
+        target = clean_logits.detach()  # p(x), a constant
+        if not exact:  # 2. g = grad_d KL(p(x) || p(base + xi d_hat)), in true float32
             with classify.precise():
                 g = power_iteration(
                     lambda r: classify(moved(r)), target, d, xi, power_iterations, joint

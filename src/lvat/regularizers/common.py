@@ -10,6 +10,7 @@ Everything here is independent of the classifier, the transformer, datasets and 
 - `frozen_bn_stats`: unlabeled passes use batch statistics but never update running statistics.
 - `full_precision`: no autocast and no TF32 inside, for the finite-difference probe passes.
 - `RngSnapshot`: lets every unlabeled pass of one call draw the same dropout masks.
+- `ReusedDropoutMasks`: on the CPU, those masks are drawn once per call and then reused.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 __all__ = [
     "POWER_METHODS",
+    "ReusedDropoutMasks",
     "RngSnapshot",
     "check_hparams",
     "entropy",
@@ -287,6 +289,83 @@ class RngSnapshot:
         torch.set_rng_state(self.cpu_state)
         if self.cuda_state is not None:
             torch.cuda.set_rng_state(self.cuda_state, self.device)
+
+
+class _ReusedMaskDropout:
+    """The forward of one `nn.Dropout` in train mode on the CPU, with its masks drawn once.
+
+    It computes what ATen's CPU dropout computes (`_dropout_impl`: noise = bernoulli(1 - p) in the
+    input's dtype and layout, noise /= 1 - p, input * noise) and keeps the 0/1 draw of its k-th call
+    in a pass, so that the k-th call of a later pass (same shape and layout) multiplies by the same
+    noise without drawing: the same numbers bit for bit as restoring the generator and drawing
+    again (a 0/1 draw is exact in any dtype, and bernoulli_ draws the same stream whatever the
+    dtype), at a third of the cost.
+    """
+
+    def __init__(self, module: nn.Dropout) -> None:
+        self.module = module
+        self.draws: list[Tensor] = []  # 0/1 per call of a pass, the first pass's dtype and layout
+        self.noise: dict[tuple[int, torch.dtype], Tensor] = {}  # draw / (1 - p)
+        self.calls = 0  # calls in the current pass
+
+    def __call__(self, x: Tensor) -> Tensor:
+        m = self.module
+        if not (m.training and 0 < m.p < 1 and x.device.type == "cpu" and x.is_floating_point()):
+            return F.dropout(x, m.p, m.training, m.inplace)
+        k, self.calls = self.calls, self.calls + 1
+        if k < len(self.draws) and (self.draws[k].shape, self.draws[k].stride()) == (
+            x.shape,
+            x.stride(),
+        ):
+            noise = self.noise.get((k, x.dtype))
+            if noise is None:
+                noise = self.noise[k, x.dtype] = self.draws[k].to(x.dtype).div_(1 - m.p)
+        else:  # a first pass, or another shape: draw as ATen does
+            draw = torch.empty_like(x).bernoulli_(1 - m.p)
+            self.draws[k:] = [draw]
+            self.noise = {key: v for key, v in self.noise.items() if key[0] < k}
+            noise = self.noise[k, x.dtype] = draw.to(x.dtype, copy=True).div_(1 - m.p)
+        return x.mul_(noise) if m.inplace else x * noise
+
+
+class ReusedDropoutMasks:
+    """`with ReusedDropoutMasks(model) as masks: masks.new_pass(); model(x); ...`
+
+    Inside, each `nn.Dropout` of `model` (exactly that class) draws its CPU masks in the first pass
+    and reuses them in the later passes: for the passes of one regularizer call, which share their
+    masks anyway (`RngSnapshot`), so only the cost changes. `new_pass()` marks where a pass begins
+    (a module called twice in one pass draws two masks, as without this). Elsewhere (eval mode, p
+    of 0 or 1, CUDA, whose fused dropout kernel draws differently) the module's own forward runs,
+    and a `torch.compile`d model is left alone (a patched forward would make it recompile every
+    step). The forwards are restored on exit, also when the body raises.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        compiled = any(
+            getattr(m, "_compiled_call_impl", None) is not None or hasattr(m, "_orig_mod")
+            for m in model.modules()
+        )
+        drops = [] if compiled else [m for m in model.modules() if type(m) is nn.Dropout]
+        self._drops = drops
+        self._forwards = [_ReusedMaskDropout(m) for m in self._drops]
+        self._saved: list[object] = []
+
+    def new_pass(self) -> None:
+        for f in self._forwards:
+            f.calls = 0
+
+    def __enter__(self) -> ReusedDropoutMasks:
+        self._saved = [m.__dict__.get("forward") for m in self._drops]  # instance attributes
+        for m, f in zip(self._drops, self._forwards, strict=True):
+            m.forward = f  # an instance attribute shadows the method
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for m, forward in zip(self._drops, self._saved, strict=True):
+            if forward is None:
+                del m.forward
+            else:
+                m.forward = forward
 
 
 def check_hparams(

@@ -89,7 +89,8 @@ class _BatchNormWithTangent(torch.autograd.Function):
         x, weight, mean, invstd = ctx.saved_tensors
         shape = [1, -1] + [1] * (x.dim() - 2)  # per channel, broadcast over (B, C, ...)
         dims = [0, *range(2, x.dim())]
-        # Full-size passes in x's dtype (bf16 under autocast), per-channel sums in float32+.
+        # Full-size passes in x's dtype (bf16 under autocast); per-channel sums accumulate in
+        # float32 (`_channel_mean`), the per-channel maths is float32 (float64 for float64).
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         xhat = (x - mean.reshape(shape).to(x.dtype)) * invstd.reshape(shape).to(x.dtype)
         scale = torch.zeros_like(mean)  # coefficient of xhat
@@ -98,8 +99,8 @@ class _BatchNormWithTangent(torch.autograd.Function):
         if tx is not None:
             t = tx.to(x.dtype)
             a = invstd if weight is None else invstd * weight.to(acc)
-            mean_t = t.mean(dims, dtype=acc)
-            mean_xt = (xhat * t).mean(dims, dtype=acc)
+            mean_t = _channel_mean(t, dims, acc)
+            mean_xt = _channel_mean(xhat * t, dims, acc)
             scale, shift = -a * mean_xt, -a * mean_t
             out = t * a.reshape(shape).to(x.dtype)
         if tw is not None:
@@ -110,6 +111,15 @@ class _BatchNormWithTangent(torch.autograd.Function):
             shift.reshape(shape).to(x.dtype), xhat, scale.reshape(shape).to(x.dtype)
         )
         return (rest if out is None else out + rest), None, None
+
+
+def _channel_mean(t: Tensor, dims: list[int], acc: torch.dtype) -> Tensor:
+    """Per-channel mean in `acc`. A bf16 `t` is summed in its own dtype (ATen accumulates a bf16
+    sum in float32; only the per-channel result is rounded to bf16): `mean(dtype=float32)` would
+    first copy all of `t` to a fresh float32 tensor, as costly as the tangent pass itself."""
+    if t.dtype == acc or t.dtype == torch.float64:
+        return t.mean(dims, dtype=acc)
+    return t.sum(dims).to(acc) / (t.numel() // t.shape[1])
 
 
 def _batch_statistics_forward(bn: _BatchNorm) -> Callable[[Tensor], Tensor]:
@@ -175,7 +185,9 @@ def matching_tangents() -> Iterator[None]:
 
 
 def fisher_vector_product(
-    logits_fn: Callable[[list[Tensor]], Tensor], v: Sequence[Tensor]
+    logits_fn: Callable[[list[Tensor]], Tensor],
+    v: Sequence[Tensor],
+    out: list[Tensor] | None = None,
 ) -> list[Tensor]:
     """G v = J^T M J v at r = 0 (see the module docstring), one group per tensor, detached.
 
@@ -183,6 +195,8 @@ def fisher_vector_product(
         logits_fn: maps perturbation groups r to the classifier's logits (B, K) at the perturbed
             point (VAT: model(x + r); LVAT: model(decode(z + r))).
         v: the vector: groups shaped like r, each (B, ...), float32 or float64.
+        out: if given, the logits at r = 0 (detached, `logits_fn`'s precision) are appended to it:
+            the product's forward pass is also a plain pass at the unperturbed point.
 
     Returns:
         G v as groups shaped like `v` (zeros for a group the logits do not depend on), in `v`'s
@@ -193,6 +207,8 @@ def fisher_vector_product(
         with fwAD.dual_level():
             duals = [fwAD.make_dual(p, t.detach()) for p, t in zip(primals, v, strict=True)]
             logits, jv = fwAD.unpack_dual(logits_fn(duals))  # (B, K) each
+        if out is not None:
+            out.append(logits.detach())
         if jv is None:  # the logits do not depend on the groups at all
             return [torch.zeros_like(p) for p in primals]
         dt = torch.float64 if logits.dtype == torch.float64 else torch.float32
@@ -213,13 +229,15 @@ def exact_power_iteration(
     d: Sequence[Tensor],
     power_iterations: int = 1,
     joint: bool = False,
+    out: list[Tensor] | None = None,
 ) -> list[Tensor]:
     """`power_iterations` products g <- G normalize(g), starting from g = d (random normal).
 
     The counterpart of `common.power_iteration` without xi: it returns G d_hat where that returns
-    ~xi G d_hat (VAT), so `eps * normalize(g)` is the same r in the limit xi -> 0.
+    ~xi G d_hat (VAT), so `eps * normalize(g)` is the same r in the limit xi -> 0. `out`: as in
+    `fisher_vector_product`, the logits at r = 0 of the first product.
     """
     g = list(d)
-    for _ in range(power_iterations):
-        g = fisher_vector_product(logits_fn, normalize_groups(g, joint))
+    for i in range(power_iterations):
+        g = fisher_vector_product(logits_fn, normalize_groups(g, joint), out if i == 0 else None)
     return g

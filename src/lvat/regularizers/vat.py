@@ -36,6 +36,7 @@ def _vat(model: nn.Module, x: Tensor, vat: VAT, with_loss: bool) -> VirtualAdver
         entropy_weight=vat.entropy_weight,
         with_loss=with_loss,
         power_method=vat.power_method,
+        base_is_input=True,
     )
 
 
@@ -57,7 +58,9 @@ class VAT:
     The model is called in whatever mode the caller set (train mode in training); BatchNorm running
     statistics are never updated by these calls and the passes of one call share dropout masks.
     The perturbation maths is float32 (float64 for float64 inputs), also under autocast, and so
-    are the target and probe passes; only the adversarial pass follows the caller's autocast.
+    are the finite difference's target and probe passes; the adversarial pass follows the
+    caller's autocast, and so do all the exact mode's passes (its first product's forward pass,
+    at x itself, is the target pass).
     """
 
     def __init__(

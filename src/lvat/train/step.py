@@ -66,7 +66,8 @@ def train_step(
         batch: labeled images and labels, unlabeled images, all on the model's device.
         alpha: weight of the consistency cost.
         amp_dtype: autocast dtype for the classifier passes (None = float32). The regularizer
-            keeps its target and probe passes in float32 regardless (`full_precision`).
+            keeps the finite difference's target and probe passes in float32 regardless
+            (`full_precision`).
         z_unlabeled: encode(batch.x_unlabeled) from a latent cache, passed on as the cached
             keyword `z` (LVAT uses it; None: not cached).
         sync: called between backward and the update (data-parallel gradient averaging).
