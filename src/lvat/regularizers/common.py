@@ -11,6 +11,7 @@ Everything here is independent of the classifier, the transformer, datasets and 
 - `full_precision`: no autocast and no TF32 inside, for the finite-difference probe passes.
 - `RngSnapshot`: lets every unlabeled pass of one call draw the same dropout masks.
 - `ReusedDropoutMasks`: on the CPU, those masks are drawn once per call and then reused.
+- `replaced_forwards`: modules' forwards swapped for the length of a context.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,7 @@ __all__ = [
     "normalize_joint",
     "perturbation_dtype",
     "power_iteration",
+    "replaced_forwards",
     "zero_direction",
 ]
 
@@ -313,18 +315,13 @@ class _ReusedMaskDropout:
         if not (m.training and 0 < m.p < 1 and x.device.type == "cpu" and x.is_floating_point()):
             return F.dropout(x, m.p, m.training, m.inplace)
         k, self.calls = self.calls, self.calls + 1
-        if k < len(self.draws) and (self.draws[k].shape, self.draws[k].stride()) == (
-            x.shape,
-            x.stride(),
-        ):
-            noise = self.noise.get((k, x.dtype))
-            if noise is None:
-                noise = self.noise[k, x.dtype] = self.draws[k].to(x.dtype).div_(1 - m.p)
-        else:  # a first pass, or another shape: draw as ATen does
-            draw = torch.empty_like(x).bernoulli_(1 - m.p)
-            self.draws[k:] = [draw]
+        kept = self.draws[k] if k < len(self.draws) else None
+        if kept is None or (kept.shape, kept.stride()) != (x.shape, x.stride()):
+            self.draws[k:] = [torch.empty_like(x).bernoulli_(1 - m.p)]  # draw as ATen does
             self.noise = {key: v for key, v in self.noise.items() if key[0] < k}
-            noise = self.noise[k, x.dtype] = draw.to(x.dtype, copy=True).div_(1 - m.p)
+        noise = self.noise.get((k, x.dtype))
+        if noise is None:
+            noise = self.noise[k, x.dtype] = self.draws[k].to(x.dtype, copy=True).div_(1 - m.p)
         return x.mul_(noise) if m.inplace else x * noise
 
 
@@ -346,22 +343,37 @@ class ReusedDropoutMasks:
             for m in model.modules()
         )
         drops = [] if compiled else [m for m in model.modules() if type(m) is nn.Dropout]
-        self._drops = drops
-        self._forwards = [_ReusedMaskDropout(m) for m in self._drops]
-        self._saved: list[object] = []
+        self._forwards = [(m, _ReusedMaskDropout(m)) for m in drops]
+        self._patch: AbstractContextManager[None] | None = None
 
     def new_pass(self) -> None:
-        for f in self._forwards:
+        for _, f in self._forwards:
             f.calls = 0
 
     def __enter__(self) -> ReusedDropoutMasks:
-        self._saved = [m.__dict__.get("forward") for m in self._drops]  # instance attributes
-        for m, f in zip(self._drops, self._forwards, strict=True):
-            m.forward = f  # an instance attribute shadows the method
+        self._patch = replaced_forwards(self._forwards)
+        self._patch.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for m, forward in zip(self._drops, self._saved, strict=True):
+        assert self._patch is not None
+        self._patch.__exit__(*exc)
+
+
+@contextmanager
+def replaced_forwards(
+    forwards: Sequence[tuple[nn.Module, Callable[..., object]]],
+) -> Iterator[None]:
+    """Inside, each module's `forward` is the callable paired with it (an instance attribute
+    shadows the method); the previous instance attribute, if any, is back on exit, also when the
+    body raises."""
+    saved = [(m, m.__dict__.get("forward")) for m, _ in forwards]
+    for m, forward in forwards:
+        m.forward = forward
+    try:
+        yield
+    finally:
+        for m, forward in saved:
             if forward is None:
                 del m.forward
             else:

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lvat.regularizers.common import normalize_groups
+from lvat.regularizers.common import normalize_groups, replaced_forwards
 
 __all__ = ["exact_power_iteration", "fisher_vector_product", "forward_mode", "matching_tangents"]
 
@@ -117,7 +117,7 @@ def _channel_mean(t: Tensor, dims: list[int], acc: torch.dtype) -> Tensor:
     """Per-channel mean in `acc`. A bf16 `t` is summed in its own dtype (ATen accumulates a bf16
     sum in float32; only the per-channel result is rounded to bf16): `mean(dtype=float32)` would
     first copy all of `t` to a fresh float32 tensor, as costly as the tangent pass itself."""
-    if t.dtype == acc or t.dtype == torch.float64:
+    if t.dtype == acc:
         return t.mean(dims, dtype=acc)
     return t.sum(dims).to(acc) / (t.numel() // t.shape[1])
 
@@ -144,18 +144,9 @@ def forward_mode(model: nn.Module) -> Iterator[None]:
         for m in model.modules()
         if isinstance(m, _BatchNorm) and not isinstance(m, nn.SyncBatchNorm)
     ]
-    saved = [bn.__dict__.get("forward") for bn in bns]  # an instance attribute, if any
-    for bn in bns:
-        bn.forward = _batch_statistics_forward(bn)  # an instance attribute shadows the method
-    try:
-        with matching_tangents():
-            yield
-    finally:
-        for bn, forward in zip(bns, saved, strict=True):
-            if forward is None:
-                del bn.forward
-            else:
-                bn.forward = forward
+    patched = [(bn, _batch_statistics_forward(bn)) for bn in bns]
+    with replaced_forwards(patched), matching_tangents():
+        yield
 
 
 def _match_tangent(module: nn.Module, inputs: tuple, output: object) -> object:
