@@ -174,6 +174,37 @@ def test_exact_vat_takes_its_clean_target_from_the_first_product():
     assert loss.requires_grad and expected > 0
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_exact_mode_runs_a_compiled_classifier_and_decoder_eagerly_to_the_same_numbers():
+    """`train.compile`: a compiled graph has no forward-mode AD (conv-small's failed with "You
+    must implement the jvp function"); the exact products run it eagerly, the rest compiled.
+    aot_eager compiles as inductor does up to code generation, in seconds."""
+    import copy
+
+    from lvat.models.classifiers import build_classifier
+
+    model = build_classifier("conv-small", 1, 10, dropout=0.0).double().train()
+    x = torch.rand(4, 1, 12, 12, dtype=torch.float64)
+    compiled = copy.deepcopy(model)
+    compiled.compile(backend="aot_eager")
+    compiled(x).sum().backward()  # a compiled graph exists before the regularizer's passes
+    losses = []
+    for m in (model, compiled):
+        torch.manual_seed(1)
+        losses.append(VAT(0.7, power_method="exact")(m, x))
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-10, atol=0)
+
+    t, model, x = TupleTransformer().double(), mlp().double(), torch.rand(5, 6, dtype=torch.float64)
+    compiled_t, compiled = copy.deepcopy(t), copy.deepcopy(model)
+    compiled_t.decode = torch.compile(compiled_t.decode, backend="aot_eager")
+    compiled.compile(backend="aot_eager")
+    losses = []
+    for tt, m in ((t, model), (compiled_t, compiled)):
+        torch.manual_seed(1)
+        losses.append(LVAT(tt, 1.5, power_method="exact")(m, x))
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-10, atol=0)
+
+
 def test_power_method_is_validated():
     with pytest.raises(ValueError, match="power_method"):
         VAT(1.0, power_method="newton")

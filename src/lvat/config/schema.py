@@ -151,7 +151,8 @@ class TrainConfig:
     make LVAT-Glow and LVAT-VAE steps 1.2x faster on a CPU (bench/cpu-transformer-layout.json)."""
     compile: bool = False
     """torch.compile the classifier and the transformer's decode (not the autograd.grad call
-    around them). Pays on GPUs for long runs; the first steps then take minutes to compile."""
+    around them; the exact power method's forward-mode products run them eagerly). Pays on GPUs
+    for long runs; the first steps then take minutes to compile."""
     cache_latents: bool = False
     """LVAT only: encode every training image once at the start (the transformer is frozen) and
     look latents up per step; memory cost is printed. Needs data.augment = false. With Glow the

@@ -138,14 +138,19 @@ def _batch_statistics_forward(bn: _BatchNorm) -> Callable[[Tensor], Tensor]:
 def forward_mode(model: nn.Module) -> Iterator[None]:
     """The context of the exact product's passes: `matching_tangents`, and BatchNorm layers that
     normalise with batch statistics (train mode; running statistics frozen by the caller) use
-    `_BatchNormWithTangent`. SyncBatchNorm (cross-process statistics) keeps its own forward."""
+    `_BatchNormWithTangent`. SyncBatchNorm (cross-process statistics) keeps its own forward.
+
+    `torch.compile`d code (`train.compile`: the classifier, a transformer's decode) runs eagerly
+    inside: a compiled graph has no forward-mode AD (its autograd.Function implements no jvp, and
+    a dual input fails), and the patched BatchNorm forwards would change its guards. The other
+    passes of the step (labeled, adversarial) stay compiled."""
     bns = [
         m
         for m in model.modules()
         if isinstance(m, _BatchNorm) and not isinstance(m, nn.SyncBatchNorm)
     ]
     patched = [(bn, _batch_statistics_forward(bn)) for bn in bns]
-    with replaced_forwards(patched), matching_tangents():
+    with torch.compiler.set_stance("force_eager"), replaced_forwards(patched), matching_tangents():
         yield
 
 

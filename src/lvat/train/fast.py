@@ -11,7 +11,9 @@ What is safe where (the regularizers enforce the float32 part themselves):
   stay in true float32 (`lvat.regularizers.common.full_precision`).
 - channels-last changes only the memory layout of the classifier's conv weights and activations.
 - torch.compile wraps the classifier and the transformer's `decode`; `torch.autograd.grad` in the
-  power iteration stays eager and differentiates through the compiled graphs.
+  power iteration stays eager and differentiates through the compiled graphs. The exact power
+  method's products need forward-mode AD, which compiled graphs lack: they run eagerly
+  (`lvat.regularizers.exact.forward_mode`), the labeled and adversarial passes compiled.
 """
 
 from __future__ import annotations
