@@ -104,6 +104,10 @@ def test_resume_through_the_cli_and_refusing_to_overwrite(toy_data, tmp_path, ca
     assert checkpoint.load(out / "checkpoint.pt")["step"] == 6
     assert main(["train", "--resume", str(tmp_path / "nothing")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+    for command in ("eval", "figures", "diagnose"):  # a folder that is not a run says so
+        assert main([command, str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert f"{tmp_path} is not the folder of a `lvat train`" in err and err.count("\n") == 1
 
 
 def test_a_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(

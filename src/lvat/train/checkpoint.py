@@ -40,6 +40,11 @@ def load(path: str | Path) -> dict[str, Any]:
     """
     path = Path(path)
     if not path.is_file():
+        if path.name == CHECKPOINT and path.parent.is_dir():
+            raise LvatError(
+                f"checkpoint not found: {path} ({path.parent} is not the folder of a `lvat train` "
+                "or `lvat fit` run, or its checkpoint was deleted)"
+            )
         raise LvatError(f"checkpoint not found: {path}")
     try:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": not for the user
