@@ -88,7 +88,8 @@ results-report: $(STAMP)
 	  --paired "LVAT-VAE 4800 updates:LVAT-VAE 2400 updates" \
 	  --paired "LVAT-Glow 4800 updates:LVAT-Glow 2400 updates" \
 	  --paired "LVAT-Glow 4800 updates:VAT eps=0.125 4800 updates" \
-	  --paired "LVAT-VAE 4800 updates:VAT eps=0.125 4800 updates" && \
+	  --paired "LVAT-VAE 4800 updates:VAT eps=0.125 4800 updates" \
+	  --paired "VAT eps=0.125 4800 updates:sup 4800 updates" && \
 	  $(BIN)/lvat report results/budget results/budget-4800 --metric validation \
 	  --out docs/results/budget-4800-validation; fi
 
