@@ -80,7 +80,8 @@ results-report: $(STAMP)
 	  --paired "LVAT-VAE eps=4 2400 updates:LVAT-VAE eps=4 1200 updates" \
 	  --paired "LVAT-Glow eps=0.5 2400 updates:LVAT-Glow eps=0.5 1200 updates" && \
 	  $(BIN)/lvat report results/budget --out docs/results/budget-test \
-	  --paired "LVAT-VAE:VAT eps=0.125" --paired "LVAT-Glow:VAT eps=0.125" --paired "VAT eps=0.125:sup"; fi
+	  --paired "LVAT-VAE:VAT eps=0.125" --paired "LVAT-Glow:VAT eps=0.125" --paired "VAT eps=0.125:sup" \
+	  --paired "LVAT-Glow:VAT eps=1"; fi
 	if find results/budget-4800 -name results.json 2>/dev/null | grep -q .; then \
 	  $(BIN)/lvat report results/budget results/budget-4800 --out docs/results/budget-4800 \
 	  --paired "sup 4800 updates:sup 2400 updates" \
