@@ -205,3 +205,17 @@ def test_an_lvat_fit_folder_gets_its_training_and_test_curves(tmp_path, capsys):
     (run / "metrics.jsonl").unlink()
     with pytest.raises(figures.LvatError, match="not an `lvat fit` run folder"):
         figures.fit_curves(run)
+
+
+def test_interval_figures_widen_until_long_labels_and_the_axis_label_fit(tmp_path):
+    from lvat.analysis.figures import draw_intervals
+
+    xlabel = "test error difference, points (A − B per seed; 95% interval)"
+    long = "VAT eps=0.125 4800 updates − VAT eps=0.125 2400 updates\nF-MNIST SSL (1000 labels)"
+    fig = draw_intervals([(long, [-0.4, 0.2], -0.1, (-0.7, 0.25))] * 3, tmp_path / "a.png", xlabel)
+    box = fig.get_tightbbox()
+    assert fig.get_figwidth() > 8.0  # an 8 in figure cut the axis label off at the right
+    assert box.x0 >= -0.02 and box.x1 <= fig.get_figwidth() + 0.02
+    assert (tmp_path / "a.png").stat().st_size > 0 and (tmp_path / "a.pdf").stat().st_size > 0
+    short = draw_intervals([("a − b", [1.0, 2.0], 1.5, (0.5, 2.5))], tmp_path / "b.png", "x")
+    assert short.get_figwidth() == 8.0

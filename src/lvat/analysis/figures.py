@@ -55,6 +55,19 @@ def _figure(**kwargs) -> Figure:
     return Figure(**kwargs)
 
 
+def _fit_width(fig: Figure, pad: float = 0.1) -> None:
+    """Widen `fig` until everything drawn lies inside it: a constrained layout shrinks the axes
+    to make room for long tick labels, but a centred axis label wider than the axes that are left
+    is cut off at the edge. Each pass widens by the overhang and lays out again."""
+    for _ in range(4):
+        fig.draw_without_rendering()
+        box, width = fig.get_tightbbox(), fig.get_figwidth()
+        over = max(0.0, -box.x0) + max(0.0, box.x1 - width)
+        if over <= 0.02:  # two pixels at DPI 100
+            return
+        fig.set_figwidth(width + over + pad)
+
+
 def _integer_ticks(axis) -> None:
     from matplotlib.ticker import MaxNLocator
 
@@ -141,10 +154,11 @@ def draw_curves(panels: list[tuple[str, str, list[tuple[str, list, list]]]], pat
 
 def draw_intervals(
     rows: list[tuple[str, list[float], float, tuple[float, float] | None]], path: Path, xlabel: str
-) -> None:
+) -> Figure:
     """One line per row (label, points, mean, interval or None): each point a dot, the mean a
     square with its interval as a bar, and a vertical line at 0, so that whether an interval
-    excludes 0 and how the single points scatter are seen at once."""
+    excludes 0 and how the single points scatter are seen at once. The figure is at least 8 in
+    wide and wider where the labels need it; it is returned after saving."""
     fig = _figure(figsize=(8.0, 1.2 + 0.55 * len(rows)), layout="constrained")
     ax = fig.subplots()
     for y, (_, points, mean, ci) in enumerate(rows):
@@ -160,7 +174,9 @@ def draw_intervals(
     fig.suptitle("dots: one seed each; square and bar: mean and 95% interval (black: excludes 0)",
                  fontsize=9)  # fmt: skip
     ax.grid(axis="x", alpha=0.3)
+    _fit_width(fig)
     _save(fig, path)
+    return fig
 
 
 def draw_grid(
