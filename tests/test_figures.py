@@ -208,8 +208,7 @@ def test_an_lvat_fit_folder_gets_its_training_and_test_curves(tmp_path, capsys):
 
 
 def test_interval_figures_widen_until_long_labels_and_the_axis_label_fit(tmp_path):
-    from lvat.analysis.figures import draw_intervals
-
+    draw_intervals = figures.draw_intervals
     xlabel = "test error difference, points (A − B per seed; 95% interval)"
     long = "VAT eps=0.125 4800 updates − VAT eps=0.125 2400 updates\nF-MNIST SSL (1000 labels)"
     fig = draw_intervals([(long, [-0.4, 0.2], -0.1, (-0.7, 0.25))] * 3, tmp_path / "a.png", xlabel)
