@@ -70,7 +70,8 @@ results: fashion-mnist
 # budget check (the study's runs beside the same settings at twice the updates, on validation),
 # and its test error with the paired differences at 2,400 updates (1,000 labels, 5 label seeds);
 # then test and validation error at 4,800 updates beside 2,400 (1,000 labels; each paired
-# difference over the label seeds both rows have run).
+# difference over the label seeds both rows have run), and sup's at 9,600 beside every method's
+# at 4,800.
 results-report: $(STAMP)
 	$(BIN)/lvat report results/study --metric validation --out docs/results/study-validation
 	$(BIN)/lvat report results/study --out docs/results/study
@@ -99,6 +100,13 @@ results-report: $(STAMP)
 	  --paired "VAT eps=0.125 4800 updates:sup 4800 updates" && \
 	  $(BIN)/lvat report results/budget results/budget-4800 --metric validation \
 	  --out docs/results/budget-4800-validation; fi
+	if find results/budget-9600 -name results.json 2>/dev/null | grep -q .; then \
+	  $(BIN)/lvat report results/budget-4800 results/budget-9600 --out docs/results/budget-9600 \
+	  --paired "sup 9600 updates:sup 4800 updates" \
+	  --paired "VAT:sup 9600 updates" \
+	  --paired "LVAT-Glow:sup 9600 updates" && \
+	  $(BIN)/lvat report results/budget-4800 results/budget-9600 --metric validation \
+	  --out docs/results/budget-9600-validation --paired "sup 9600 updates:sup 4800 updates"; fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
