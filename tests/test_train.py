@@ -94,6 +94,30 @@ def test_resume_ends_bit_identical_to_an_unstopped_run(toy_data, tmp_path):
     assert whole == parts  # timings differ between runs; everything else must not
 
 
+def test_log_eval_and_checkpoint_cadence_leave_the_training_bit_identical(toy_data, tmp_path):
+    # The budget sweeps evaluate, log and checkpoint at other intervals than the runs they are
+    # compared with (tests/test_sweep.py): that must not change a single weight.
+    flags = {
+        "method.name": "vat",
+        "data.augment": "true",
+        "model.dropout": 0.5,
+        "data.num_validation": 20,
+    }
+    cadences = {
+        "a": {"train.log_every": 2, "train.eval_every": 3, "train.checkpoint_every": 3},
+        "b": {"train.log_every": 1, "train.eval_every": 1, "train.checkpoint_every": 6},
+    }
+    for name, cadence in cadences.items():
+        train(load_config(Config, None, _flags(toy_data, tmp_path / name, **flags, **cadence)))
+    a, b = (checkpoint.load(tmp_path / name / "checkpoint.pt") for name in cadences)
+    assert a["step"] == b["step"] == 6
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    evals = [{r["step"]: r for r in read_jsonl(tmp_path / n / "eval.jsonl", True)} for n in "ab"]
+    assert sorted(evals[0]) == [3, 6] and sorted(evals[1]) == [1, 2, 3, 4, 5, 6]
+    assert evals[0][6] == evals[1][6] and evals[0][3] == evals[1][3]
+
+
 def test_resume_through_the_cli_and_refusing_to_overwrite(toy_data, tmp_path, capsys):
     out = tmp_path / "run"
     cfg = load_config(Config, None, _flags(toy_data, out, **{"method.name": "sup"}))
