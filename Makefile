@@ -35,7 +35,7 @@ demo: fashion-mnist
 # 100 and 1,000 labels, 5 label seeds), then label seeds 5 and 6 for VAT and LVAT-Glow with 100
 # labels (configs/sweeps/fashion-mnist-more-seeds.toml), then its budget check at twice the updates
 # (configs/sweeps/fashion-mnist-budget.toml) and at four times (fashion-mnist-budget-4800.toml,
-# 1,000 labels, 5 label seeds), and sup alone at eight times (fashion-mnist-budget-9600.toml).
+# 1,000 labels, 5 label seeds), and sup and VAT at eight times (fashion-mnist-budget-9600.toml).
 # Prints what is left and its time estimate, runs it in two processes of one core each (finished
 # runs, committed under results/, are skipped; a stop loses at most 120 updates of a run; the
 # label seeds 1-4 start once the eps search they depend on has finished, in either process), then
@@ -70,8 +70,8 @@ results: fashion-mnist
 # budget check (the study's runs beside the same settings at twice the updates, on validation),
 # and its test error with the paired differences at 2,400 updates (1,000 labels, 5 label seeds);
 # then test and validation error at 4,800 updates beside 2,400 (1,000 labels; each paired
-# difference over the label seeds both rows have run), and sup's at 9,600 beside every method's
-# at 4,800.
+# difference over the label seeds both rows have run), and sup's and VAT's at 9,600 beside every
+# method's at 4,800.
 results-report: $(STAMP)
 	$(BIN)/lvat report results/study --metric validation --out docs/results/study-validation
 	$(BIN)/lvat report results/study --out docs/results/study
@@ -103,10 +103,13 @@ results-report: $(STAMP)
 	if find results/budget-9600 -name results.json 2>/dev/null | grep -q .; then \
 	  $(BIN)/lvat report results/budget-4800 results/budget-9600 --out docs/results/budget-9600 \
 	  --paired "sup 9600 updates:sup 4800 updates" \
-	  --paired "VAT:sup 9600 updates" \
+	  --paired "VAT 9600 updates:VAT 4800 updates" \
+	  --paired "VAT 9600 updates:sup 9600 updates" \
+	  --paired "LVAT-Glow:VAT 9600 updates" \
 	  --paired "LVAT-Glow:sup 9600 updates" && \
 	  $(BIN)/lvat report results/budget-4800 results/budget-9600 --metric validation \
-	  --out docs/results/budget-9600-validation --paired "sup 9600 updates:sup 4800 updates"; fi
+	  --out docs/results/budget-9600-validation --paired "sup 9600 updates:sup 4800 updates" \
+	  --paired "VAT 9600 updates:VAT 4800 updates"; fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
