@@ -40,7 +40,7 @@ demo: fashion-mnist
 # runs, committed under results/, are skipped; a stop loses at most 120 updates of a run; the
 # label seeds 1-4 start once the eps search they depend on has finished, in either process), then
 # redraws the reports from every finished run. The study alone took 32.6 core-hours and the budget
-# checks about 27 more (docs/results.md, "The budget and its cost"): run it in the background and
+# checks about 30 more (docs/results.md, "The budget and its cost"): run it in the background and
 # commit results/ as runs finish.
 STUDY := configs/sweeps/fashion-mnist-study.toml
 MORE := configs/sweeps/fashion-mnist-more-seeds.toml
