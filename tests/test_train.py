@@ -67,16 +67,24 @@ def test_a_30_step_cli_run_of_every_method_writes_all_its_files(
     assert f"error {results['test_error']:.2f}%" in capsys.readouterr().out
 
 
+# VAT with augmentation and dropout: every random stream a step draws.
+_VAT_FLAGS = {
+    "method.name": "vat",
+    "data.augment": "true",
+    "model.dropout": 0.5,
+    "data.num_validation": 20,
+}
+
+
+def _assert_same_weights(a: dict, b: dict) -> None:
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
 def test_resume_ends_bit_identical_to_an_unstopped_run(toy_data, tmp_path):
-    flags = {
-        "method.name": "vat",
-        "data.augment": "true",
-        "model.dropout": 0.5,
-        "data.num_validation": 20,
-    }
-    whole = load_config(Config, None, _flags(toy_data, tmp_path / "whole", **flags))
+    whole = load_config(Config, None, _flags(toy_data, tmp_path / "whole", **_VAT_FLAGS))
     train(whole)
-    parts = load_config(Config, None, _flags(toy_data, tmp_path / "parts", **flags))
+    parts = load_config(Config, None, _flags(toy_data, tmp_path / "parts", **_VAT_FLAGS))
     partial = train(parts, stop_at=3)
     assert partial == {"step": 3, "finished": False}
     assert checkpoint.load(tmp_path / "parts" / "checkpoint.pt")["step"] == 3
@@ -85,8 +93,7 @@ def test_resume_ends_bit_identical_to_an_unstopped_run(toy_data, tmp_path):
     a = checkpoint.load(tmp_path / "whole" / "checkpoint.pt")
     b = checkpoint.load(tmp_path / "parts" / "checkpoint.pt")
     assert a["step"] == b["step"] == 6
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
+    _assert_same_weights(a, b)
 
     whole, parts = (
         read_jsonl(tmp_path / r / "metrics.jsonl", untimed=True) for r in ("whole", "parts")
@@ -97,22 +104,15 @@ def test_resume_ends_bit_identical_to_an_unstopped_run(toy_data, tmp_path):
 def test_log_eval_and_checkpoint_cadence_leave_the_training_bit_identical(toy_data, tmp_path):
     # The budget sweeps evaluate, log and checkpoint at other intervals than the runs they are
     # compared with (tests/test_sweep.py): that must not change a single weight.
-    flags = {
-        "method.name": "vat",
-        "data.augment": "true",
-        "model.dropout": 0.5,
-        "data.num_validation": 20,
-    }
     cadences = {
         "a": {"train.log_every": 2, "train.eval_every": 3, "train.checkpoint_every": 3},
         "b": {"train.log_every": 1, "train.eval_every": 1, "train.checkpoint_every": 6},
     }
     for name, cadence in cadences.items():
-        train(load_config(Config, None, _flags(toy_data, tmp_path / name, **flags, **cadence)))
+        train(load_config(Config, None, _flags(toy_data, tmp_path / name, **_VAT_FLAGS, **cadence)))
     a, b = (checkpoint.load(tmp_path / name / "checkpoint.pt") for name in cadences)
     assert a["step"] == b["step"] == 6
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
+    _assert_same_weights(a, b)
     evals = [{r["step"]: r for r in read_jsonl(tmp_path / n / "eval.jsonl", True)} for n in "ab"]
     assert sorted(evals[0]) == [3, 6] and sorted(evals[1]) == [1, 2, 3, 4, 5, 6]
     assert evals[0][6] == evals[1][6] and evals[0][3] == evals[1][3]
